@@ -1,0 +1,158 @@
+"""Encoder and decoder networks: plain ``torch.nn``, no Pyro inside.
+
+An *encoder* maps a batch of flattened images ``x`` of shape ``(..., D)`` to the
+parameters ``(loc, scale)`` of a diagonal Gaussian over ``z``, each ``(..., z_dim)``.
+A *decoder* maps latents ``z`` of shape ``(..., z_dim)`` to unconstrained outputs of
+shape ``(..., D)`` (logits, for the Bernoulli likelihood). Both accept any number of
+leading batch dimensions, so the same networks serve a minibatch ``(B, D)`` and the
+vectorised particles of an importance-sampled bound ``(K, B, D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def mlp(sizes: Sequence[int], act: str) -> nn.Sequential:
+    """Linear layers of the given sizes with ``act`` between them (not after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(activation(act))
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class GaussianHead(nn.Module):
+    """Features -> (loc, scale) of a diagonal Gaussian; softplus keeps the scale positive."""
+
+    def __init__(self, in_features: int, z_dim: int):
+        super().__init__()
+        self.loc = nn.Linear(in_features, z_dim)
+        self.raw_scale = nn.Linear(in_features, z_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loc(h), F.softplus(self.raw_scale(h))
+
+
+class MLPEncoder(nn.Module):
+    """x (..., D) -> hidden layers -> (loc, scale) of q(z|x), each (..., z_dim)."""
+
+    def __init__(self, x_dim: int, z_dim: int, hidden_dims: Sequence[int] = (400,), act: str = "softplus"):
+        super().__init__()
+        if not hidden_dims:
+            raise ValueError("hidden_dims must name at least one hidden layer, e.g. (400,)")
+        self.body = nn.Sequential(mlp([x_dim, *hidden_dims], act), activation(act))
+        self.head = GaussianHead(hidden_dims[-1], z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.body(x))
+
+
+class MLPDecoder(nn.Module):
+    """z (..., z_dim) -> hidden layers (mirrored) -> outputs (..., D)."""
+
+    def __init__(self, x_dim: int, z_dim: int, hidden_dims: Sequence[int] = (400,), act: str = "softplus"):
+        super().__init__()
+        self.net = mlp([z_dim, *reversed(hidden_dims), x_dim], act)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ConvEncoder(nn.Module):
+    """A small convolutional encoder for (C, H, W) images with H and W divisible by 4.
+
+    Two stride-2 convolutions (32 and 64 channels) halve the image twice, then a
+    hidden linear layer feeds the Gaussian head.
+    """
+
+    def __init__(self, image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int] = (400,), act: str = "softplus"):
+        super().__init__()
+        c, h, w = _check_conv_shape(image_shape)
+        self.image_shape = (c, h, w)
+        hidden = hidden_dims[-1] if hidden_dims else 400
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 32, 4, stride=2, padding=1),
+            activation(act),
+            nn.Conv2d(32, 64, 4, stride=2, padding=1),
+            activation(act),
+            nn.Flatten(),
+            nn.Linear(64 * (h // 4) * (w // 4), hidden),
+            activation(act),
+        )
+        self.head = GaussianHead(hidden, z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_shape = x.shape[:-1]
+        h = self.body(x.reshape(-1, *self.image_shape))
+        loc, scale = self.head(h)
+        return loc.reshape(*batch_shape, -1), scale.reshape(*batch_shape, -1)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of :class:`ConvEncoder`: linear layers, then two stride-2 transposed convolutions."""
+
+    def __init__(self, image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int] = (400,), act: str = "softplus"):
+        super().__init__()
+        c, h, w = _check_conv_shape(image_shape)
+        hidden = hidden_dims[-1] if hidden_dims else 400
+        self.x_dim = c * h * w
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, hidden),
+            activation(act),
+            nn.Linear(hidden, 64 * (h // 4) * (w // 4)),
+            activation(act),
+            nn.Unflatten(1, (64, h // 4, w // 4)),
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
+            activation(act),
+            nn.ConvTranspose2d(32, c, 4, stride=2, padding=1),
+            nn.Flatten(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch_shape = z.shape[:-1]
+        return self.net(z.reshape(-1, z.shape[-1])).reshape(*batch_shape, self.x_dim)
+
+
+def _check_conv_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4:
+        raise ValueError(
+            f"the convolutional networks need an image shape (C, H, W) with H and W divisible by 4, "
+            f"got {tuple(image_shape)}; use network='mlp' for other shapes"
+        )
+    return tuple(int(s) for s in image_shape)  # type: ignore[return-value]
+
+
+def build_networks(
+    kind: str, image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str
+) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair named by ``kind`` ("mlp" or "conv")."""
+    x_dim = math.prod(image_shape)
+    if kind == "mlp":
+        return MLPEncoder(x_dim, z_dim, hidden_dims, act), MLPDecoder(x_dim, z_dim, hidden_dims, act)
+    if kind == "conv":
+        return ConvEncoder(image_shape, z_dim, hidden_dims, act), ConvDecoder(image_shape, z_dim, hidden_dims, act)
+    raise ValueError(f"unknown network {kind!r}; choose 'mlp' or 'conv'")

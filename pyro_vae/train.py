@@ -1,0 +1,295 @@
+"""The SVI training loop, run directories, checkpoints and metrics. No argument parsing.
+
+A run directory holds::
+
+    config.json      the RunConfig, 1:1 with the CLI flags
+    versions.json    python / torch / pyro / pyro_vae versions and the device
+    metrics.jsonl    one JSON object per epoch: train and test ELBO (nats per image), time
+    checkpoint.pt    weights, optimiser state, epoch, RNG states (atomic, safe to load)
+
+Each step is one call of :meth:`pyro.infer.SVI.step` on a minibatch drawn from the
+device-resident training tensor; the model's ``"data"`` plate is told the training-set
+size, so ``loss / N`` estimates the per-image negative ELBO of the whole training set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import pyro
+import torch
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from . import checkpoint, rng
+from .config import RunConfig
+from .data import ImageData, TrainingSet, binary_test_set, load_data
+from .evaluate import Estimate, elbo_terms
+from .objectives import build_elbo
+from .vae import VAE, build_vae
+
+CONFIG_NAME = "config.json"
+VERSIONS_NAME = "versions.json"
+METRICS_NAME = "metrics.jsonl"
+EVAL_SEED = 12345  # the fixed noise of every per-epoch test-set evaluation
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (unwritable, or holds another run)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """A VAE with the configuration it was trained with and where it lives."""
+
+    vae: VAE
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    epoch: int  # completed epochs
+
+    @property
+    def model(self):
+        return self.vae.model
+
+    @property
+    def guide(self):
+        return self.vae.guide
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but this machine has no CUDA device; use --device cpu")
+    return device
+
+
+def train(
+    config: RunConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Run:
+    """Train a VAE by SVI, writing ``run_dir`` as it goes; returns the trained :class:`Run`.
+
+    With ``resume=True`` the configuration and state come from ``run_dir``'s checkpoint;
+    ``config`` may then be None, or differ from the stored one in ``train.epochs`` only
+    (to train for longer).
+    """
+    run_dir = Path(run_dir)
+    config, state = _prepare_run_dir(config, run_dir, resume, overwrite)
+    cfg = config.train
+    device = resolve_device(cfg.device)
+
+    train_data = load_data(config, "train", device)
+    test_data = binary_test_set(load_data(config, "test", device))
+    if cfg.batch_size > len(train_data):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images; "
+            "use a smaller --batch-size"
+        )
+    training_set = TrainingSet(train_data, config.data.binarize, cfg.seed)
+
+    rng.set_seed(cfg.seed)
+    vae = build_vae(config.model, train_data.image_shape).to(device)
+    optimizer = pyro.optim.Adam({"lr": cfg.lr})
+    start_epoch = 0
+    if state is not None:
+        _check_compatible(state, config, run_dir)
+        _load_weights(vae, state, run_dir)
+        optimizer.set_state(state["optim"])
+        rng.set_state(state["rng"])
+        start_epoch = state["epoch"]
+        _truncate_metrics(run_dir / METRICS_NAME, start_epoch)
+        log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+    else:
+        _write_json(run_dir / CONFIG_NAME, config.to_dict())
+        _write_json(run_dir / VERSIONS_NAME, versions(device))
+        (run_dir / METRICS_NAME).write_text("")
+
+    n = len(training_set)
+    with pyro.get_param_store().scope():
+        svi = SVI(vae.model, vae.guide, optimizer, loss=build_elbo(cfg.elbo, cfg.num_particles))
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            images = training_set.images(epoch)
+            perm = training_set.permutation(epoch)
+            num_steps = math.ceil(n / cfg.batch_size)
+            total_loss = 0.0
+            bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                       leave=False, file=sys.stderr, mininterval=0.5)
+            for step in bar:
+                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                loss = svi.step(images[idx], num_data=n)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; nothing was saved "
+                        f"for this epoch and the checkpoint of epoch {epoch} in {run_dir} is intact. "
+                        "Lower --lr or check the data"
+                    )
+                total_loss += loss
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{total_loss / (step + 1) / n:.2f}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "train_elbo": -total_loss / num_steps / n}
+            record.update(test_metrics(vae, test_data, cfg.eval_batch_size))
+            record["seconds"] = train_seconds
+            _append_jsonl(run_dir / METRICS_NAME, record)
+            checkpoint.save(
+                {
+                    "config": config.to_dict(),
+                    "epoch": epoch + 1,
+                    "model": vae.state_dict(),
+                    "optim": optimizer.get_state(),
+                    "rng": rng.get_state(),
+                    "image_shape": list(train_data.image_shape),
+                },
+                run_dir / checkpoint.CHECKPOINT_NAME,
+            )
+            log(
+                f"epoch {epoch + 1:>3}/{cfg.epochs}  train elbo {record['train_elbo']:9.3f}  "
+                f"test elbo {record['test_elbo']:9.3f} (log-lik {record['test_log_lik']:9.3f}, "
+                f"kl {record['test_kl']:7.3f})  {train_seconds:6.1f}s"
+            )
+    return Run(vae, config, run_dir, device, cfg.epochs)
+
+
+def test_metrics(vae: VAE, test_data: ImageData, batch_size: int) -> dict[str, float]:
+    """Test-set ELBO and its two terms, in nats per image, at a fixed evaluation seed."""
+    with pyro.get_param_store().scope():
+        terms = elbo_terms(vae.model, vae.guide, test_data.images, batch_size, seed=EVAL_SEED)
+    return {f"test_{k}": Estimate.of(v).mean for k, v in terms.items()}
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> Run:
+    """The trained model of ``run_dir`` (its latest checkpoint), on ``device``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a run directory (it does not exist)")
+    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+    config = _config_from(state, run_dir)
+    dev = resolve_device(device)
+    vae = build_vae(config.model, state["image_shape"])
+    _load_weights(vae, state, run_dir)
+    return Run(vae.to(dev).eval(), config, run_dir, dev, state["epoch"])
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The configuration stored in ``run_dir``'s checkpoint."""
+    run_dir = Path(run_dir)
+    return _config_from(checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME), run_dir)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    import torchvision
+
+    from . import __version__
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pyro": pyro.__version__,
+        "pyro_vae": __version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# -- run-directory bookkeeping ---------------------------------------------------------
+
+
+def _prepare_run_dir(config, run_dir: Path, resume: bool, overwrite: bool):
+    state = None
+    if resume:
+        if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
+            raise RunDirError(f"cannot resume: {run_dir} holds no checkpoint ({checkpoint.CHECKPOINT_NAME})")
+        state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+        stored = _config_from(state, run_dir)
+        if config is not None and replace(config, train=replace(config.train, epochs=stored.train.epochs)) != stored:
+            raise RunDirError(
+                f"cannot resume {run_dir} with a different configuration; only the number of epochs may change. "
+                f"Stored: {stored.to_dict()}"
+            )
+        if config is not None:
+            stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
+        config = stored
+    elif config is None:
+        raise ValueError("train() needs a RunConfig unless resume=True")
+    elif (run_dir / CONFIG_NAME).exists() and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run; resume it (--resume), choose another --out, or pass --overwrite"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"cannot write to the run directory {run_dir}: {err.strerror or err}; "
+                          "choose a writable --out") from err
+    if not resume:
+        for name in (checkpoint.CHECKPOINT_NAME, METRICS_NAME):
+            (run_dir / name).unlink(missing_ok=True)
+    return config, state
+
+
+def _config_from(state: dict, run_dir: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"the checkpoint in {run_dir} has an unusable configuration: {err}") from err
+
+
+def _check_compatible(state: dict, config: RunConfig, run_dir: Path) -> None:
+    if state["epoch"] > config.train.epochs:
+        raise RunDirError(f"{run_dir} already finished {state['epoch']} epochs; ask for more with --epochs")
+
+
+def _load_weights(vae: VAE, state: dict, run_dir: Path) -> None:
+    try:
+        vae.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise checkpoint.CheckpointError(
+            f"the weights in {run_dir} do not fit the network its configuration describes: {err}"
+        ) from err
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop lines of epochs after ``epoch`` (written before a crash beat the checkpoint)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+        path.write_text("".join(line + "\n" for line in keep))
