@@ -87,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=_positive_int, default=8)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/reconstructions.png)")
     p.set_defaults(func=cmd_reconstruct)
+    p = sub.add_parser("plot", help="figures of trained runs: latent space, manifold, samples, curves, ...")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="the run to draw; for --kind comparison several runs (e.g. autoencoder, KL-only, VAE)")
+    p.add_argument("--kind", default="all", choices=("latent", "manifold", "samples", "reconstructions",
+                                                     "interpolation", "dims", "curves", "all", "comparison"),
+                   help="which figure; all: every one that applies to the run")
+    p.add_argument("--out", type=Path, metavar="FOLDER", help="folder for the figures (default RUN_DIR/figures)")
+    p.add_argument("--pdf", action="store_true", help="write a PDF beside each PNG")
+    p.add_argument("--tsne", action="store_true", help="latent: t-SNE instead of PCA when z_dim > 2 (needs scikit-learn)")
+    p.add_argument("--spherical", action="store_true", help="interpolation: add spherical (slerp) paths")
+    p.add_argument("--limit", type=_positive_int, help="use the first N test images only (default: all)")
+    p.add_argument("--names", nargs="+", help="comparison: one panel title per run (default: from each run's objective)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prior samples and interpolation pairs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--data-dir", help="data folder, if not the one the runs were trained with")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -226,6 +242,71 @@ def cmd_reconstruct(args) -> int:
     images = _test_images(run, args.num)
     path = save_reconstruction_grid(run.vae, images, args.out or run.run_dir / "reconstructions.png", args.nrow)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """Draw figures of one run (or the comparison of several) from its checkpoint and metrics."""
+    from . import plots
+    from .data import binary_test_set, load_data
+    from .evaluate import active_units, kl_per_dimension
+    from .train import load_run, read_metrics
+
+    if (args.kind == "comparison") != (len(args.run_dirs) > 1):
+        raise ValueError("--kind comparison takes two or more RUN_DIRs (e.g. autoencoder, KL-only, VAE); "
+                         f"every other kind takes one, got {len(args.run_dirs)}")
+    runs = []
+    for run_dir in args.run_dirs:
+        run = load_run(run_dir, device=args.device)
+        if args.data_dir is not None:
+            run.config = dataclasses.replace(run.config, data=dataclasses.replace(run.config.data, data_dir=args.data_dir))
+        runs.append(run)
+    run = runs[0]
+    test = binary_test_set(load_data(run.config, "test", run.device)).head(args.limit)
+    classes = test.classes
+    out = args.out if args.out is not None else run.run_dir / "figures"
+    written = []
+    if args.kind == "comparison":
+        titles = {"autoencoder": "Autoencoder (reconstruction only)", "kl-only": "KL term only"}
+        names = args.names or [
+            titles.get(getattr(r.config.train, "objective", "elbo"), "VAE (ELBO)")
+            + (f", beta = {r.config.train.beta:g}" if getattr(r.config.train, "beta", 1.0) != 1.0 else "")
+            for r in runs
+        ]
+        if len(names) != len(runs):
+            raise ValueError(f"--names gives {len(names)} titles for {len(runs)} runs")
+        panels = [(name, plots.posterior_means(r.vae, test.images)) for name, r in zip(names, runs)]
+        written.append(plots.comparison_figure(panels, test.labels, out / "comparison.png", classes=classes, pdf=args.pdf))
+    kinds = plots.KINDS if args.kind == "all" else (args.kind,) if args.kind != "comparison" else ()
+    vae = run.vae
+    for kind in kinds:
+        path = out / f"{kind}.png"
+        if kind == "latent":
+            method = "tsne" if args.tsne else "auto"
+            written.append(plots.latent_figure(vae, test.images, test.labels, path, method=method, classes=classes,
+                                               seed=args.seed, pdf=args.pdf))
+        elif kind == "manifold":
+            if vae.z_dim != 2 and args.kind == "all":
+                print(f"skipped manifold: it needs z_dim = 2, this run has z_dim = {vae.z_dim}")
+                continue
+            written.append(plots.manifold_figure(vae, path, pdf=args.pdf))
+        elif kind == "samples":
+            written.append(plots.samples_figure(vae, path, seed=args.seed, pdf=args.pdf))
+        elif kind == "reconstructions":
+            written.append(plots.reconstructions_figure(vae, test.images, path, pdf=args.pdf))
+        elif kind == "interpolation":
+            written.append(plots.interpolation_figure(vae, test.images, test.labels, path, spherical=args.spherical,
+                                                      seed=args.seed, pdf=args.pdf))
+        elif kind == "dims":
+            count, activity = active_units(vae, test.images)
+            loc, scale = vae.encode(test.images[:4])
+            written.append(plots.dims_figure(loc, scale, kl_per_dimension(vae, test.images), activity, path,
+                                             pdf=args.pdf))
+            print(f"active units: {count} of {vae.z_dim}")
+        elif kind == "curves":
+            written.append(plots.curves_figure(read_metrics(run.run_dir), path, pdf=args.pdf))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

@@ -44,6 +44,9 @@ class DataConfig:
                 _positive(name, getattr(self, name))
 
 
+OBJECTIVES = ("elbo", "autoencoder", "kl-only")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -54,10 +57,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     eval_batch_size: int = 1000
+    objective: str = "elbo"  # "elbo", "autoencoder" (point-mass encoder, no KL) or "kl-only"
+    beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017)
+    kl_warmup_epochs: int = 0  # raise the KL weight linearly from ~0 to beta over this many epochs
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
             _positive(name, getattr(self, name))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):
+            raise ValueError(f"beta must be a non-negative number, got {self.beta!r}")
+        if isinstance(self.kl_warmup_epochs, bool) or not isinstance(self.kl_warmup_epochs, int) or self.kl_warmup_epochs < 0:
+            raise ValueError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.elbo not in ("trace", "meanfield"):

@@ -165,3 +165,54 @@ def evaluate_model(
             )
             report[f"log_px_is{num_samples}"] = Estimate.of(log_px)
     return report
+
+
+# -- which latent dimensions are used -------------------------------------------------
+
+
+@torch.no_grad()
+def _posterior_params(vae, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of q(z|x) for every image, each ``(N, z_dim)``, encoded in batches."""
+    locs, scales = [], []
+    for start in range(0, images.shape[0], batch_size):
+        loc, scale = vae.encode(images[start : start + batch_size])
+        locs.append(loc)
+        scales.append(scale)
+    return torch.cat(locs), torch.cat(scales)
+
+
+def kl_per_dimension(vae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    r"""Analytic KL of each latent dimension of q(z|x) from the N(0, 1) prior, averaged over images.
+
+    For the diagonal Gaussian guide ``q(z_d|x) = N(loc_d(x), scale_d(x)^2)`` (site ``"z"`` of
+    ``VAE.guide``) the KL separates over dimensions,
+
+    .. math::
+
+        \mathrm{KL}_d(x) = \tfrac12\big(\mathrm{loc}_d^2 + \mathrm{scale}_d^2 - 1\big) - \log \mathrm{scale}_d,
+
+    and its sum over ``d`` is the ``kl`` of :func:`batch_elbo_terms`. Returns a tensor
+    ``(z_dim,)`` in nats per image; a dimension with KL near 0 carries no information about x.
+    """
+    loc, scale = _posterior_params(vae, images, batch_size)
+    kl = 0.5 * (loc.double() ** 2 + scale.double() ** 2 - 1.0) - scale.double().log()
+    return kl.mean(0)
+
+
+def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> tuple[int, torch.Tensor]:
+    r"""The number of active latent units and the per-dimension activity (Burda et al., 2015).
+
+    Unit ``d`` is active when its posterior mean moves with the input,
+
+    .. math::
+
+        A_d = \operatorname{Var}_{x}\big(\mathbb{E}_{q(z \mid x)}[z_d]\big) > \text{threshold},
+
+    with ``E_q[z_d] = loc_d(x)`` for the Gaussian guide and the variance taken over
+    ``images`` (population variance, divisor N). Returns ``(count, A)`` with ``A`` of shape
+    ``(z_dim,)``. An inactive unit's posterior is the same for every x: it is unused, and
+    typically collapsed onto the prior.
+    """
+    loc, _ = _posterior_params(vae, images, batch_size)
+    activity = loc.double().var(0, unbiased=False)
+    return int((activity > threshold).sum()), activity

@@ -1,16 +1,51 @@
-"""Figures from trained models. Plots read models and results; they never train.
+r"""Figures from trained models and their metrics. Plots read models and results; they never train.
 
-Image grids use :func:`torchvision.utils.make_grid` / :func:`save_image`.
+Two kinds of function live here:
+
+* array helpers (:func:`posterior_means`, :func:`pca`, :func:`tsne`, :func:`manifold_grid`,
+  :func:`interpolate`) that compute what a figure shows, testable on their own;
+* figure functions (``*_figure``), each taking a trained VAE and/or arrays and an output
+  path, writing a PNG (and a PDF beside it when ``pdf=True``) and returning the PNG's path.
+
+Every figure has a fixed size in inches (:data:`FIGSIZE`) drawn at :data:`DPI`, so its
+pixel size is known in advance. Matplotlib runs on the non-interactive Agg backend.
+The older torchvision grids (:func:`save_sample_grid`, :func:`save_reconstruction_grid`)
+stay for ``pyro-vae sample`` and ``pyro-vae reconstruct``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
-import torch
-from torchvision.utils import save_image
+import matplotlib
 
-from .rng import forked_rng
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from .rng import forked_rng  # noqa: E402
+
+DPI = 100
+FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
+    "latent": (7.0, 6.0),
+    "manifold": (8.0, 8.4),
+    "samples": (6.0, 6.4),
+    "reconstructions": (8.0, 4.6),
+    "interpolation": (9.0, 3.2),  # per panel (linear, and spherical when asked)
+    "dims": (9.0, 8.0),
+    "curves": (12.0, 3.8),
+    "comparison": (5.0, 5.2),  # per panel
+}
+KINDS = ("latent", "manifold", "samples", "reconstructions", "interpolation", "dims", "curves")
+
+
+# -- what the figures show -------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -26,6 +61,370 @@ def reconstructions(vae, images: torch.Tensor) -> torch.Tensor:
     """E[x|z] at the posterior mean z = loc(x), the usual picture of a reconstruction."""
     loc, _ = vae.encode(images)
     return vae.decode(loc)
+
+
+@torch.no_grad()
+def posterior_means(vae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """E_q[z|x] = loc(x) for every image: ``(N, z_dim)``."""
+    return torch.cat([vae.encode(images[s : s + batch_size])[0] for s in range(0, images.shape[0], batch_size)])
+
+
+def pca(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project rows of ``z`` (N, D) onto their first ``k`` principal components.
+
+    Returns ``(projected (N, k), explained (k,))`` where ``explained`` is each component's
+    share of the total variance. Computed by an exact SVD of the centred data; each
+    component's sign is fixed (largest loading positive) so the picture is reproducible.
+    """
+    if z.dim() != 2:
+        raise ValueError(f"pca expects an (N, D) matrix, got shape {tuple(z.shape)}")
+    k = min(k, z.shape[1])
+    centred = z.double() - z.double().mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    comps = vh[:k]
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * signs
+    var = s**2
+    explained = var[:k] / var.sum().clamp_min(torch.finfo(var.dtype).tiny)
+    return (centred @ comps.T).to(z.dtype), explained.to(z.dtype)
+
+
+def tsne(z: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tensor:
+    """A 2-D t-SNE embedding of rows of ``z`` (van der Maaten & Hinton, 2008), via scikit-learn.
+
+    scikit-learn is an optional dependency, used only here.
+    """
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ImportError(
+            "t-SNE needs scikit-learn, which is not installed; install it (pip install scikit-learn) "
+            "or use the default PCA projection (drop --tsne)"
+        ) from None
+    perplexity = min(perplexity, max(1.0, (z.shape[0] - 1) / 3))
+    out = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        z.detach().cpu().double().numpy()
+    )
+    return torch.from_numpy(out)
+
+
+def project_latents(z: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, tuple[str, str]]:
+    """2-D coordinates of latent codes and their axis labels.
+
+    ``method``: ``"auto"`` (the codes themselves when z_dim = 2, else PCA), ``"pca"`` or ``"tsne"``.
+    """
+    if method == "auto":
+        method = "direct" if z.shape[1] <= 2 else "pca"
+    if method == "direct":
+        if z.shape[1] == 1:
+            return torch.cat([z, torch.zeros_like(z)], 1), ("$z_1$", "(z_dim = 1)")
+        return z, ("$z_1$", "$z_2$")
+    if method == "pca":
+        proj, explained = pca(z, 2)
+        if proj.shape[1] == 1:
+            proj = torch.cat([proj, torch.zeros_like(proj)], 1)
+            explained = torch.cat([explained, explained.new_zeros(1)])
+        return proj, tuple(f"PC {i + 1} ({100 * float(e):.0f}% of variance)" for i, e in enumerate(explained))
+    if method == "tsne":
+        return tsne(z, seed), ("t-SNE 1", "t-SNE 2")
+    raise ValueError(f"unknown projection {method!r}; choose 'auto', 'pca' or 'tsne'")
+
+
+def manifold_grid(n: int = 20) -> torch.Tensor:
+    r"""Latent points ``(n * n, 2)`` on a grid at the Gaussian quantiles ``Phi^{-1}((i + 1/2) / n)``.
+
+    Equal steps in probability mass, so each grid cell holds the same prior mass and the
+    grid covers the prior's bulk without running into its tails. Row-major from the top:
+    row ``r`` has ``z_2`` decreasing with ``r`` (so larger ``z_2`` is drawn higher up), column
+    ``c`` has ``z_1`` increasing with ``c``.
+    """
+    q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    return torch.stack([z1.reshape(-1), z2.reshape(-1)], 1)
+
+
+def interpolate(z_a: torch.Tensor, z_b: torch.Tensor, steps: int, spherical: bool = False) -> torch.Tensor:
+    r"""``steps`` points from ``z_a`` to ``z_b`` (both ends included): ``(steps, z_dim)``.
+
+    Linear: ``(1 - t) z_a + t z_b``. Spherical (slerp, Shoemake 1985):
+    ``sin((1 - t) w) / sin(w) z_a + sin(t w) / sin(w) z_b`` with ``w`` the angle between the
+    two; under a Gaussian prior it keeps the norm of the path near the norms of its ends,
+    where linear paths pass through the low-norm middle that prior samples rarely visit.
+    """
+    t = torch.linspace(0.0, 1.0, steps, dtype=z_a.dtype, device=z_a.device).unsqueeze(1)
+    if not spherical:
+        return (1 - t) * z_a + t * z_b
+    cos = torch.dot(z_a, z_b) / (z_a.norm() * z_b.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if float(omega.sin()) < 1e-6:  # (anti)parallel ends: slerp is undefined, use the line
+        return (1 - t) * z_a + t * z_b
+    return (torch.sin((1 - t) * omega) * z_a + torch.sin(t * omega) * z_b) / omega.sin()
+
+
+def interpolation_pairs(labels: torch.Tensor | None, num_pairs: int, n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``num_pairs`` index pairs of test images, of different classes when labels are known."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen).tolist()
+    pairs, used = [], set()
+    for i in order:
+        if len(pairs) == num_pairs:
+            break
+        if i in used:
+            continue
+        for j in order:
+            if j != i and j not in used and (labels is None or int(labels[i]) != int(labels[j])):
+                pairs.append((i, j))
+                used.update((i, j))
+                break
+    return pairs
+
+
+# -- figures ---------------------------------------------------------------------------
+
+
+def latent_figure(
+    vae,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | Path,
+    *,
+    method: str = "auto",
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+    seed: int = 0,
+    pdf: bool = False,
+) -> Path:
+    """Posterior means of ``images`` scattered in 2-D, coloured by class."""
+    codes = posterior_means(vae, images).cpu()
+    xy, axis_labels = project_latents(codes, method, seed)
+    fig, ax = plt.subplots(figsize=FIGSIZE["latent"], layout="constrained")
+    direct = codes.shape[1] == 2 and method in ("auto", "direct")
+    scatter = _scatter_codes(ax, xy, labels, axis_labels, prior_circles=direct)
+    how = "" if direct else {"pca": ", PCA", "auto": ", PCA", "tsne": ", t-SNE"}[method]
+    ax.set_title(title or f"Posterior means $E_q[z|x]$ of {len(codes)} test images (z_dim = {codes.shape[1]}{how})")
+    _class_colorbar(fig, scatter, ax, labels, classes)
+    return _save(fig, path, pdf)
+
+
+def manifold_figure(vae, path: str | Path, *, n: int = 20, title: str | None = None, pdf: bool = False) -> Path:
+    """For z_dim = 2: the decoder mean E[x|z] at ``n x n`` latent points at Gaussian quantiles."""
+    if vae.z_dim != 2:
+        raise ValueError(f"the manifold figure needs a 2-D latent space; this model has z_dim = {vae.z_dim}")
+    z = manifold_grid(n).to(vae.prior_loc.device)
+    with torch.no_grad():
+        images = vae.decode(z).cpu()
+    c, h, w = vae.image_shape
+    grid = images.reshape(n, n, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, n * h, n * w)
+    fig, ax = plt.subplots(figsize=FIGSIZE["manifold"], layout="constrained")
+    _imshow(ax, grid)
+    q = z[:n, 0].cpu()  # the z_1 values of one row, left to right
+    ticks = list(range(0, n, max(1, n // 5))) + ([n - 1] if (n - 1) % max(1, n // 5) else [])
+    ax.set_xticks([(i + 0.5) * w for i in ticks], [f"{float(q[i]):.2f}" for i in ticks])
+    ax.set_yticks([(i + 0.5) * h for i in ticks], [f"{float(-q[i]):.2f}" for i in ticks])
+    ax.set_xlabel("$z_1$ (Gaussian quantiles)")
+    ax.set_ylabel("$z_2$ (Gaussian quantiles)")
+    ax.set_title(title or f"Decoder mean $E[x|z]$ over a {n}x{n} grid of $z$ at prior quantiles")
+    return _save(fig, path, pdf)
+
+
+def samples_figure(vae, path: str | Path, *, num: int = 64, nrow: int = 8, seed: int = 0,
+                   title: str | None = None, pdf: bool = False) -> Path:
+    """Images E[x|z] decoded from ``num`` prior draws z ~ N(0, I)."""
+    images = prior_samples(vae, num, seed).cpu()
+    fig, ax = plt.subplots(figsize=FIGSIZE["samples"], layout="constrained")
+    _imshow(ax, make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
+    ax.set_axis_off()
+    ax.set_title(title or f"$E[x|z]$ for {num} samples $z \\sim N(0, I)$ (z_dim = {vae.z_dim})")
+    return _save(fig, path, pdf)
+
+
+def reconstructions_figure(vae, images: torch.Tensor, path: str | Path, *, nrow: int = 12, rows: int = 3,
+                           title: str | None = None, pdf: bool = False) -> Path:
+    """Test images, each row above a row of their reconstructions E[x | z = loc(x)]."""
+    num = min(nrow * rows, images.shape[0])
+    nrow = min(nrow, num)
+    images = images[: num - num % nrow]
+    recon = reconstructions(vae, images).cpu()
+    images = images.reshape(-1, *vae.image_shape).cpu()
+    stacked = []
+    for s in range(0, images.shape[0], nrow):
+        stacked += [images[s : s + nrow], recon[s : s + nrow]]
+    grid = make_grid(torch.cat(stacked), nrow=nrow, padding=2, pad_value=0.5)
+    fig, ax = plt.subplots(figsize=FIGSIZE["reconstructions"], layout="constrained")
+    _imshow(ax, grid)
+    h = vae.image_shape[1] + 2
+    n_rows = 2 * (images.shape[0] // nrow)
+    ax.set_yticks([(r + 0.5) * h for r in range(n_rows)], ["test $x$", "recon."] * (n_rows // 2))
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    ax.set_title(title or "Test images (binarized) above their reconstructions $E[x \\mid z = \\mathrm{loc}(x)]$")
+    return _save(fig, path, pdf)
+
+
+def interpolation_figure(
+    vae,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | Path,
+    *,
+    num_pairs: int = 4,
+    steps: int = 10,
+    spherical: bool = False,
+    seed: int = 0,
+    title: str | None = None,
+    pdf: bool = False,
+) -> Path:
+    """Decoded paths between the posterior means of pairs of test images.
+
+    Each row: test image ``x_a``, ``steps`` decoded points from ``loc(x_a)`` to ``loc(x_b)``,
+    test image ``x_b``. With ``spherical=True`` a second panel shows the slerp paths.
+    """
+    pairs = interpolation_pairs(labels, num_pairs, images.shape[0], seed)
+    if not pairs:
+        raise ValueError("interpolation needs at least two test images (of different classes when labelled)")
+    modes = [False, True] if spherical else [False]
+    fig, axes = plt.subplots(len(modes), 1, figsize=figure_size("interpolation", len(modes)), layout="constrained",
+                             squeeze=False)
+    for ax, sph in zip(axes[:, 0], modes):
+        rows = []
+        for i, j in pairs:
+            with torch.no_grad():
+                loc, _ = vae.encode(images[[i, j]])
+                path_images = vae.decode(interpolate(loc[0], loc[1], steps, sph)).cpu()
+            ends = images[[i, j]].reshape(2, *vae.image_shape).cpu()
+            rows.append(torch.cat([ends[:1], path_images, ends[1:]]))
+        _imshow(ax, make_grid(torch.cat(rows), nrow=steps + 2, padding=2, pad_value=0.5))
+        w = vae.image_shape[2] + 2
+        names = ["$x_a$"] + [f"{t:.1f}" if k in (0, steps - 1) or steps <= 6 else "" for k, t in
+                             enumerate(np.linspace(0, 1, steps))] + ["$x_b$"]
+        ax.set_xticks([(k + 0.5) * w for k in range(steps + 2)], names)
+        ax.set_yticks([])
+        ax.tick_params(length=0)
+        kind = "spherical (slerp)" if sph else "linear"
+        ax.set_xlabel(f"{kind} path from loc($x_a$) (t = 0) to loc($x_b$) (t = 1), decoded")
+    axes[0, 0].set_title(title or f"Latent interpolation between {len(pairs)} pairs of test images")
+    return _save(fig, path, pdf)
+
+
+def dims_figure(
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    kl: torch.Tensor,
+    activity: torch.Tensor,
+    path: str | Path,
+    *,
+    threshold: float = 0.01,
+    title: str | None = None,
+    pdf: bool = False,
+) -> Path:
+    """Which latent dimensions are used.
+
+    Top: for a few images (rows of ``loc``/``scale``, each ``(n, z_dim)``), every
+    dimension's posterior mean +- scale against the prior N(0, 1) (grey band: +-1).
+    Middle: ``kl`` (z_dim,), the KL per dimension averaged over the test set.
+    Bottom: ``activity`` (z_dim,), Var_x E_q[z_d|x], on a log scale against ``threshold``.
+    """
+    loc, scale, kl, activity = (t.detach().double().cpu().numpy() for t in (loc, scale, kl, activity))
+    d = np.arange(1, kl.shape[0] + 1)
+    active = activity > threshold
+    fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=FIGSIZE["dims"], layout="constrained", sharex=True)
+    ax0.axhspan(-1, 1, color="0.88", label="prior N(0, 1): $\\pm 1$")
+    ax0.axhline(0, color="0.6", lw=0.8)
+    offsets = np.linspace(-0.25, 0.25, loc.shape[0]) if loc.shape[0] > 1 else [0.0]
+    for k in range(loc.shape[0]):
+        ax0.errorbar(d + offsets[k], loc[k], yerr=scale[k], fmt="o", ms=3, capsize=2, lw=1,
+                     label=f"test image {k + 1}")
+    ax0.set_ylabel("posterior loc $\\pm$ scale")
+    ax0.set_title("$q(z_d|x)$ for a few test images against the prior")
+    ax0.legend(loc="upper right", fontsize=8, ncol=min(5, loc.shape[0] + 1))
+    bar_colors = np.where(active, "tab:blue", "tab:gray")
+    ax1.bar(d, kl, color=bar_colors)
+    ax1.set_ylabel("KL (nats / image)")
+    ax1.set_title(f"KL$(q(z_d|x)\\,\\|\\,p(z_d))$ per dimension, test-set mean (total {kl.sum():.1f} nats)")
+    ax2.bar(d, np.maximum(activity, 1e-12), color=bar_colors)
+    ax2.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("Var$_x\\, E_q[z_d|x]$")
+    ax2.set_xlabel("latent dimension $d$")
+    ax2.set_title(f"Activity: {int(active.sum())} of {len(d)} units active (blue; Burda et al., 2015)")
+    ax2.legend(loc="upper right", fontsize=8)
+    if len(d) <= 20:
+        ax2.set_xticks(d)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, pdf)
+
+
+def curves_figure(records: Sequence[dict], path: str | Path, *, title: str | None = None, pdf: bool = False) -> Path:
+    """ELBO, expected log-likelihood and KL per epoch, train and test, from metrics.jsonl lines.
+
+    Draws every series the records hold: ``{train,test}_{elbo,log_lik,kl}`` and, when
+    the training objective differs from the ELBO (beta != 1, annealing, baselines),
+    ``train_objective`` beside the ELBO and the KL weight on the KL panel.
+    """
+    if not records:
+        raise ValueError("no metrics to plot: the run has not finished an epoch")
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["curves"], layout="constrained")
+    panels = [("elbo", "ELBO"), ("log_lik", "$E_q[\\log p(x|z)]$"), ("kl", "KL$(q(z|x)\\,\\|\\,p(z))$")]
+    style = {"train": dict(color="tab:blue", marker="o"), "test": dict(color="tab:orange", marker="s")}
+    for ax, (key, name) in zip(axes, panels):
+        for split in ("train", "test"):
+            series = [r.get(f"{split}_{key}") for r in records]
+            if any(v is not None for v in series):
+                ax.plot(epochs, _nan(series), ms=3, label=split, **style[split])
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per image")
+        ax.grid(alpha=0.3)
+    objective = [r.get("train_objective") for r in records]
+    weights = [r.get("kl_weight") for r in records]
+    if any(v is not None for v in objective) and any(w is not None and w != 1.0 for w in weights):
+        axes[0].plot(epochs, _nan(objective), color="tab:green", ls="--", marker=".", label="train objective")
+    if any(w is not None for w in weights) and len(set(weights)) > 1:
+        twin = axes[2].twinx()
+        twin.plot(epochs, _nan(weights), color="tab:gray", ls=":", label="KL weight")
+        twin.set_ylabel("KL weight", color="tab:gray")
+        twin.set_ylim(bottom=0)
+    for ax in axes:
+        ax.legend(fontsize=8)
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+    fig.suptitle(title or "Per-epoch metrics (higher ELBO and log-likelihood are better)")
+    return _save(fig, path, pdf)
+
+
+def comparison_figure(
+    panels: Sequence[tuple[str, torch.Tensor]],
+    labels: torch.Tensor | None,
+    path: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+    pdf: bool = False,
+) -> Path:
+    """Side-by-side 2-D latent spaces, e.g. autoencoder vs KL-only vs VAE.
+
+    ``panels``: ``(name, codes (N, 2))`` pairs, codes of the same images in every panel.
+    Each panel has its own scale (the AE's codes can be orders of magnitude wider than the
+    prior), and every panel draws the prior's 1- and 2-sigma circles as the common yardstick.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=figure_size("comparison", len(panels)), layout="constrained",
+                             squeeze=False)
+    scatter = None
+    for ax, (name, codes) in zip(axes[0], panels):
+        codes = codes.detach().cpu()
+        if codes.shape[1] != 2:
+            raise ValueError(f"the comparison figure needs 2-D latent codes; {name!r} has {codes.shape[1]} dimensions")
+        scatter = _scatter_codes(ax, codes, labels, ("$z_1$", "$z_2$"), prior_circles=True)
+        spread = codes.double().std(0)
+        ax.set_title(f"{name}\nstd of codes: {float(spread[0]):.3g}, {float(spread[1]):.3g}", fontsize=10)
+    _class_colorbar(fig, scatter, axes[0].tolist(), labels, classes)
+    fig.suptitle(title or "Posterior means of the same test images (dashed: prior's 1 and 2 sigma)")
+    return _save(fig, path, pdf)
+
+
+# -- torchvision grids (pyro-vae sample / reconstruct) ---------------------------------------
 
 
 def save_sample_grid(vae, path: str | Path, num: int = 64, nrow: int = 8, seed: int = 0) -> Path:
@@ -45,6 +444,82 @@ def save_reconstruction_grid(vae, images: torch.Tensor, path: str | Path, nrow: 
         rows += [images[start : start + nrow], recon[start : start + nrow]]
     grid = torch.cat(rows).reshape(-1, *vae.image_shape).cpu()
     save_image(grid, path, nrow=nrow, padding=2, pad_value=0.5)
+    return path
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def figure_size(kind: str, panels: int = 1) -> tuple[float, float]:
+    """Size in inches of a figure of ``kind``; ``panels`` counts the repeated panels of
+    ``interpolation`` (stacked) and ``comparison`` (side by side)."""
+    w, h = FIGSIZE[kind]
+    if kind == "interpolation":
+        return (w, h * panels)
+    if kind == "comparison":
+        return (w * panels, h)
+    return (w, h)
+
+
+def _scatter_codes(ax, xy: torch.Tensor, labels, axis_labels, prior_circles: bool):
+    xy = xy.detach().double().cpu().numpy()
+    if labels is None:
+        scatter = ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
+    else:
+        lab = labels.detach().cpu().numpy()
+        cmap, norm = _class_colors(int(lab.max()) + 1)
+        order = np.random.default_rng(0).permutation(len(lab))  # no class painted over all others
+        scatter = ax.scatter(xy[order, 0], xy[order, 1], c=lab[order], cmap=cmap, norm=norm, s=2, alpha=0.6,
+                             rasterized=True)
+    if prior_circles:
+        lim = max(3.0, float(np.percentile(np.abs(xy), 99.5)) * 1.1)
+        for r in (1, 2):
+            ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=1, color="0.3"))
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.grid(alpha=0.2)
+    return scatter
+
+
+def _class_colors(n: int):
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20", n)
+    return cmap, mcolors.BoundaryNorm(np.arange(n + 1) - 0.5, n)
+
+
+def _class_colorbar(fig, scatter, ax, labels, classes) -> None:
+    if labels is None or scatter is None:
+        return
+    n = int(labels.max()) + 1
+    bar = fig.colorbar(scatter, ax=ax, ticks=np.arange(n), shrink=0.9)
+    bar.set_ticklabels(list(classes)[:n] if classes is not None else [str(i) for i in range(n)])
+    bar.set_label("class")
+    bar.solids.set_alpha(1.0)
+
+
+def _imshow(ax, grid: torch.Tensor) -> None:
+    """Show a (C, H, W) image in [0, 1]: grey-scale for one channel."""
+    img = grid.detach().cpu().permute(1, 2, 0).numpy()
+    if img.shape[2] == 1:
+        ax.imshow(img[:, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(img.clip(0, 1))
+
+
+def _nan(values) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+def _save(fig, path: str | Path, pdf: bool) -> Path:
+    path = _writable(path)
+    try:
+        fig.savefig(path, dpi=DPI)
+        if pdf:
+            fig.savefig(path.with_suffix(".pdf"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -32,13 +32,15 @@ from . import checkpoint, rng
 from .config import RunConfig
 from .data import ImageData, TrainingSet, binary_test_set, load_data
 from .evaluate import Estimate, elbo_terms
-from .objectives import build_elbo
+from .baselines import Autoencoder
+from .objectives import build_elbo, kl_weight, training_program
 from .vae import VAE, build_vae
 
 CONFIG_NAME = "config.json"
 VERSIONS_NAME = "versions.json"
 METRICS_NAME = "metrics.jsonl"
-EVAL_SEED = 12345  # the fixed noise of every per-epoch test-set evaluation
+EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
+TRAIN_EVAL_IMAGES = 10_000  # the true train ELBO is measured on this many training images
 
 
 class RunDirError(RuntimeError):
@@ -107,7 +109,7 @@ def train(
     training_set = TrainingSet(train_data, config.data.binarize, cfg.seed)
 
     rng.set_seed(cfg.seed)
-    vae = build_vae(config.model, train_data.image_shape).to(device)
+    vae = build_run_model(config, train_data.image_shape).to(device)
     optimizer = pyro.optim.Adam({"lr": cfg.lr})
     start_epoch = 0
     if state is not None:
@@ -125,7 +127,8 @@ def train(
 
     n = len(training_set)
     with pyro.get_param_store().scope():
-        svi = SVI(vae.model, vae.guide, optimizer, loss=build_elbo(cfg.elbo, cfg.num_particles))
+        model, guide = training_program(vae, cfg.objective)
+        svi = SVI(model, guide, optimizer, loss=build_elbo(cfg.elbo, cfg.num_particles))
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             images = training_set.images(epoch)
@@ -135,8 +138,9 @@ def train(
             bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                        leave=False, file=sys.stderr, mininterval=0.5)
             for step in bar:
+                weight = _kl_weight(cfg, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loss = svi.step(images[idx], num_data=n)
+                loss = svi.step(images[idx], num_data=n, kl_weight=weight)
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; nothing was saved "
@@ -148,8 +152,9 @@ def train(
                     bar.set_postfix(loss=f"{total_loss / (step + 1) / n:.2f}")
             bar.close()
             train_seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "train_elbo": -total_loss / num_steps / n}
-            record.update(test_metrics(vae, test_data, cfg.eval_batch_size))
+            record = {"epoch": epoch + 1, "train_objective": -total_loss / num_steps / n, "kl_weight": weight}
+            record.update(epoch_metrics(vae, "train", images[:TRAIN_EVAL_IMAGES], cfg))
+            record.update(epoch_metrics(vae, "test", test_data.images, cfg))
             record["seconds"] = train_seconds
             _append_jsonl(run_dir / METRICS_NAME, record)
             checkpoint.save(
@@ -163,19 +168,46 @@ def train(
                 },
                 run_dir / checkpoint.CHECKPOINT_NAME,
             )
-            log(
-                f"epoch {epoch + 1:>3}/{cfg.epochs}  train elbo {record['train_elbo']:9.3f}  "
-                f"test elbo {record['test_elbo']:9.3f} (log-lik {record['test_log_lik']:9.3f}, "
-                f"kl {record['test_kl']:7.3f})  {train_seconds:6.1f}s"
-            )
+            log(_epoch_line(record, cfg))
     return Run(vae, config, run_dir, device, cfg.epochs)
 
 
-def test_metrics(vae: VAE, test_data: ImageData, batch_size: int) -> dict[str, float]:
-    """Test-set ELBO and its two terms, in nats per image, at a fixed evaluation seed."""
+def build_run_model(config: RunConfig, image_shape) -> VAE:
+    """The network a run trains: a :class:`VAE`, or the :class:`Autoencoder` baseline."""
+    klass = Autoencoder if config.train.objective == "autoencoder" else VAE
+    return build_vae(config.model, image_shape, klass)
+
+
+def _kl_weight(cfg, progress: float) -> float:
+    if cfg.objective == "autoencoder":
+        return 0.0
+    return kl_weight(cfg.beta, cfg.kl_warmup_epochs, progress)
+
+
+def epoch_metrics(vae: VAE, split: str, images: torch.Tensor, cfg) -> dict[str, float]:
+    """The true ELBO (KL weight 1, whatever the training objective) and its two terms,
+    in nats per image, at a fixed evaluation seed. The autoencoder, whose guide is a point
+    mass, has no ELBO: only its reconstruction term is reported."""
     with pyro.get_param_store().scope():
-        terms = elbo_terms(vae.model, vae.guide, test_data.images, batch_size, seed=EVAL_SEED)
-    return {f"test_{k}": Estimate.of(v).mean for k, v in terms.items()}
+        terms = elbo_terms(vae.model, vae.guide, images, cfg.eval_batch_size, seed=EVAL_SEED)
+    if cfg.objective == "autoencoder":
+        terms = {"log_lik": terms["log_lik"]}
+    return {f"{split}_{k}": Estimate.of(v).mean for k, v in terms.items()}
+
+
+def _epoch_line(record: dict, cfg) -> str:
+    parts = [f"epoch {record['epoch']:>3}/{cfg.epochs}"]
+    for split in ("train", "test"):
+        if f"{split}_elbo" in record:
+            parts.append(f"{split} elbo {record[f'{split}_elbo']:9.3f}")
+    parts.append(f"(test log-lik {record['test_log_lik']:9.3f}")
+    if "test_kl" in record:
+        parts[-1] += f", kl {record['test_kl']:7.3f}"
+    parts[-1] += ")"
+    if record["kl_weight"] != 1.0 or cfg.objective != "elbo":
+        parts.append(f"objective {record['train_objective']:9.3f} at kl weight {record['kl_weight']:.3g}")
+    parts.append(f"{record['seconds']:6.1f}s")
+    return "  ".join(parts)
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> Run:
@@ -186,7 +218,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
     config = _config_from(state, run_dir)
     dev = resolve_device(device)
-    vae = build_vae(config.model, state["image_shape"])
+    vae = build_run_model(config, state["image_shape"])
     _load_weights(vae, state, run_dir)
     return Run(vae.to(dev).eval(), config, run_dir, dev, state["epoch"])
 

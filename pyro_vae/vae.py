@@ -82,7 +82,7 @@ class VAE(nn.Module):
         pyro.module("decoder", self.decoder)
         x = self._flatten(x) if x is not None else None
         with self._data_plate(x, num_data, batch_size):
-            with poutine.scale(scale=kl_weight):
+            with kl_scaled(kl_weight):
                 z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).expand([self.z_dim]).to_event(1))
             out = self.decoder(z)
             pyro.sample("x", self.likelihood(out), obs=x)
@@ -96,7 +96,7 @@ class VAE(nn.Module):
         x = self._flatten(x)
         with self._data_plate(x, num_data, batch_size):
             loc, scale = self.encoder(x)
-            with poutine.scale(scale=kl_weight):
+            with kl_scaled(kl_weight):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
         return loc, scale
 
@@ -141,9 +141,22 @@ class VAE(nn.Module):
         return x
 
 
-def build_vae(model_config, image_shape: Sequence[int]) -> VAE:
-    """The VAE described by a :class:`pyro_vae.config.ModelConfig`."""
+def kl_scaled(kl_weight: float):
+    """The handler that weights the ``"z"`` site's log-densities by ``kl_weight``.
+
+    Applied to ``"z"`` in both model and guide, it turns ``log p(z) - log q(z|x)`` into
+    ``kl_weight * (log p(z) - log q(z|x))``. Pyro's scale must be positive, so a weight
+    of 0 masks the site instead (same effect: the term is dropped).
+    """
+    if kl_weight == 0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=kl_weight)
+
+
+def build_vae(model_config, image_shape: Sequence[int], klass: type | None = None) -> VAE:
+    """The VAE described by a :class:`pyro_vae.config.ModelConfig` (``klass``: a VAE subclass)."""
     encoder, decoder = build_networks(
         model_config.network, image_shape, model_config.z_dim, model_config.hidden_dims, model_config.activation
     )
-    return VAE(encoder, decoder, model_config.z_dim, image_shape, build_likelihood(model_config.likelihood))
+    klass = klass or VAE
+    return klass(encoder, decoder, model_config.z_dim, image_shape, build_likelihood(model_config.likelihood))
