@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    """Every test starts with an empty param store, validation on and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data sets: $PYRO_VAE_DATA, else ../shared/data beside the repo.
+
+    Missing data fails the tests that need it (it is never silently skipped).
+    """
+    env = os.environ.get("PYRO_VAE_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.fail(f"the MNIST data is not in {path}; set PYRO_VAE_DATA to the shared data folder")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
