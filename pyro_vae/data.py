@@ -154,7 +154,7 @@ def _read_amat(path: Path) -> np.ndarray:
         rows = buf.reshape(-1, width)
         digits = rows[:, 0::2] - ord("0")
         seps = rows[:, 1::2]
-        if digits.max(initial=0) <= 1 and np.all((seps[:, :-1] == ord(" ")) & (seps[:, -1] == ord("\n"))):
+        if digits.max(initial=0) <= 1 and np.all(seps[:, :-1] == ord(" ")) and np.all(seps[:, -1] == ord("\n")):
             return digits.copy()
     # Not the compact layout (other whitespace, say): fall back to the general parser.
     values = np.loadtxt(path, dtype=np.float32)

@@ -1,0 +1,116 @@
+"""Data sets from the data directory, binarisation, and the errors when data is missing."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae.data import (
+    DatasetNotFoundError,
+    ImageData,
+    TrainingSet,
+    binary_test_set,
+    check_images,
+    load_split,
+    resolve_data_dir,
+)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_grey_datasets_load_as_one_tensor(data_dir, name):
+    test = load_split(name, "test", data_dir, download=False)
+    assert test.images.shape == (10_000, 1, 28, 28) and test.images.dtype == torch.float32
+    assert float(test.images.min()) == 0.0 and float(test.images.max()) == 1.0
+    assert not test.binary and len(test.classes) == 10
+    assert test.labels.shape == (10_000,) and set(test.labels.unique().tolist()) == set(range(10))
+
+
+def test_binarized_mnist_reads_larochelle_files(data_dir):
+    test = load_split("binarized-mnist", "test", data_dir, download=False)
+    assert test.images.shape == (10_000, 1, 28, 28) and test.binary and test.labels is None
+    assert set(test.images.unique().tolist()) == {0.0, 1.0}
+    # the fast parser agrees with numpy's text parser on the first lines
+    with gzip.open(data_dir / "binarized_mnist" / "binarized_mnist_test.amat.gz", "rt") as f:
+        first = np.loadtxt([next(f) for _ in range(50)])
+    assert np.array_equal(test.images[:50].reshape(50, -1).numpy(), first)
+    assert len(load_split("binarized-mnist", "valid", data_dir, download=False)) == 10_000
+
+
+def test_data_dir_comes_from_argument_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRO_VAE_DATA", str(tmp_path / "env"))
+    assert resolve_data_dir() == tmp_path / "env"
+    assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("PYRO_VAE_DATA")
+    assert resolve_data_dir().name == "data"
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_missing_mnist_offline_names_folder_and_files(tmp_path, download):
+    # with download=True this runs torchvision's real download, which fails offline
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_split("mnist", "train", tmp_path, download=download)
+    msg = str(info.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "--data-dir" in msg
+
+
+def test_missing_binarized_mnist_names_folder_and_files(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="binarized_mnist_train.amat.gz"):
+        load_split("binarized-mnist", "train", tmp_path, download=False)
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        load_split("cifar", "train", tmp_path)
+    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+        load_split("mnist", "valid", tmp_path)
+
+
+def grey(n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(torch.rand(n, 1, 4, 4, generator=g), torch.arange(n) % 10, binary=False)
+
+
+def test_dynamic_binarization_is_fresh_each_epoch_and_reproducible():
+    ts = TrainingSet(grey(), "dynamic", seed=3)
+    e0, e1 = ts.images(0), ts.images(1)
+    assert set(e0.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(e0, e1)
+    assert torch.equal(e0, TrainingSet(grey(), "dynamic", seed=3).images(0))
+    assert not torch.equal(e0, TrainingSet(grey(), "dynamic", seed=4).images(0))
+    # Bernoulli(intensity): the binary mean over many epochs approaches the grey image
+    mean = torch.stack([ts.images(e) for e in range(400)]).mean(0)
+    se = (ts.data.images * (1 - ts.data.images) / 400).sqrt()
+    assert ((mean - ts.data.images).abs() <= 4 * se + 1e-6).float().mean() > 0.99
+
+
+def test_fixed_binarization_is_the_same_every_epoch_and_run():
+    a, b = TrainingSet(grey(), "fixed", seed=3), TrainingSet(grey(), "fixed", seed=9)
+    assert torch.equal(a.images(0), a.images(5)) and torch.equal(a.images(0), b.images(0))
+
+
+def test_permutation_per_epoch():
+    ts = TrainingSet(grey(), "dynamic", seed=3)
+    p0 = ts.permutation(0)
+    assert torch.equal(p0.sort().values, torch.arange(50))
+    assert torch.equal(p0, ts.permutation(0)) and not torch.equal(p0, ts.permutation(1))
+
+
+def test_test_set_binarized_once_with_fixed_seed():
+    a, b = binary_test_set(grey()), binary_test_set(grey())
+    assert a.binary and torch.equal(a.images, b.images)
+    assert set(a.images.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.full((2, 1, 4, 4), 1.5), r"must lie in \[0, 1\]"),
+        (torch.full((2, 1, 4, 4), float("nan")), "NaN"),
+        (torch.zeros(0, 1, 4, 4), "empty"),
+        (torch.zeros(2, 16), r"shape \(N, C, H, W\)"),
+    ],
+)
+def test_bad_images_are_rejected(images, message):
+    with pytest.raises(ValueError, match=message):
+        check_images(images)

@@ -1,0 +1,49 @@
+"""Every experiments/ script runs end to end in its smoke mode (a few hundred images, 1 epoch)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    out = tmp_path / "figures"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / name), "--smoke", "--runs", str(tmp_path / "runs"),
+         "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, proc.stdout
+
+
+def non_empty_pngs(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png") if p.stat().st_size > 0)
+
+
+@pytest.mark.slow
+def test_figures_script_smoke(tmp_path, data_dir):
+    out, stdout = run_script("figures.py", tmp_path, data_dir)
+    assert non_empty_pngs(out) == sorted(
+        ["comparison.png", "z2/latent.png", "z2/manifold.png"]
+        + [f"z50/{k}.png" for k in ("latent", "samples", "reconstructions", "interpolation", "dims", "curves")]
+    )
+    assert stdout.count("$ pyro-vae train") == 4  # the commands are printed for the docs
+
+
+@pytest.mark.slow
+def test_posterior_collapse_script_smoke(tmp_path, data_dir):
+    out, stdout = run_script("posterior_collapse.py", tmp_path, data_dir)
+    assert "kl-profile.png" in non_empty_pngs(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["run"] for s in summary] == ["beta-0.5", "beta-1", "beta-1-warmup-1", "beta-4", "kl-only"]
+    for s in summary:
+        assert 0 <= s["active_units"] <= s["z_dim"] == 50
+        assert s["test_elbo"] == pytest.approx(s["test_log_lik"] - s["test_kl"], abs=1e-3)
+    assert "| active units |" in stdout
