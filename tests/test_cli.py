@@ -1,0 +1,132 @@
+"""Every pyro-vae command, end to end, and its error messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pyro_vae.cli import build_parser, config_from_args, main
+
+SMALL = ["--train-limit", "600", "--test-limit", "100", "--epochs", "1", "--batch-size", "100",
+         "--z-dim", "4", "--hidden-dims", "64", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SMALL, "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_flags_map_onto_config_fields():
+    args = build_parser().parse_args(["train", "--z-dim", "3", "--hidden-dims", "10", "20", "--lr", "0.01",
+                                      "--elbo", "meanfield", "--binarize", "fixed", "--no-download",
+                                      "--beta", "2.5", "--kl-warmup-epochs", "4"])
+    cfg = config_from_args(args)
+    assert cfg.model.z_dim == 3 and cfg.model.hidden_dims == (10, 20)
+    assert cfg.train.lr == 0.01 and cfg.train.elbo == "meanfield" and cfg.train.beta == 2.5
+    assert cfg.train.kl_warmup_epochs == 4
+    assert cfg.data.binarize == "fixed" and cfg.data.download is False
+    assert config_from_args(build_parser().parse_args(["train"])) == type(cfg)()
+
+
+def test_train_writes_the_run(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+
+
+def test_resume_continues_for_more_epochs(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["train", "--resume", str(copy), "--epochs", "2", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [json.loads(l)["epoch"] for l in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_refuses_other_settings(run_dir, capsys):
+    assert main(["train", "--resume", str(run_dir), "--z-dim", "8"]) == 1
+    assert "only --epochs may be given, not --z-dim" in capsys.readouterr().err
+
+
+def test_evaluate_json(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--num-samples", "50", "--limit", "40", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 40 and report["epoch"] == 1
+    for key in ("elbo", "log_lik", "kl", "log_px_is50"):
+        assert set(report[key]) == {"mean", "stderr"} and report[key]["stderr"] > 0
+    assert report["elbo"]["mean"] == pytest.approx(report["log_lik"]["mean"] - report["kl"]["mean"], rel=1e-6)
+    # with 50 samples the importance-weighted bound sits above the ELBO
+    assert report["log_px_is50"]["mean"] > report["elbo"]["mean"]
+
+
+def test_evaluate_text(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--num-samples", "5", "--limit", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "log_px_is5" in out and "+-" in out
+
+
+def test_sample_and_reconstruct_write_pngs(run_dir, tmp_path):
+    assert main(["sample", str(run_dir), "--num", "16", "--nrow", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size == (4 * 30 + 2, 4 * 30 + 2)  # 28 px + 2 px padding
+    assert main(["reconstruct", str(run_dir), "--num", "16", "--out", str(tmp_path / "r.png")]) == 0
+    assert Image.open(tmp_path / "r.png").size == (8 * 30 + 2, 4 * 30 + 2)  # 2 rows of images, 2 of reconstructions
+    assert main(["sample", str(run_dir)]) == 0 and (run_dir / "samples.png").stat().st_size > 0
+
+
+def test_console_script_end_to_end(tmp_path, data_dir):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
+    out = tmp_path / "run"
+    scripts = os.path.dirname(sys.executable)
+    exe = os.path.join(scripts, "pyro-vae")
+    subprocess.run([exe, "train", *SMALL, "--out", str(out)], check=True, env=env, capture_output=True)
+    res = subprocess.run([exe, "evaluate", str(out), "--num-samples", "10", "--limit", "20", "--json"],
+                         check=True, env=env, capture_output=True, text=True)
+    assert json.loads(res.stdout)["num_images"] == 20
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--epochs", "0"], "expected a positive integer"),
+        (["train", "--batch-size", "-3"], "expected a positive integer"),
+        (["train", "--elbo", "renyi"], "elbo must be 'trace' or 'meanfield'"),
+        (["train", "--lr", "-1"], "lr must be positive"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own type errors
+        code = exit_.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not found" in err and "Traceback" not in err
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["train", *SMALL, "--data-dir", str(data_dir), "--out", str(blocker / "run")])
+    assert code == 1 and "cannot write to the run directory" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(run_dir, capsys):
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    assert main(["train", *SMALL, "--out", str(run_dir)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_evaluate_missing_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 1
+    assert "not a run directory" in capsys.readouterr().err
