@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+DATASETS = ("mnist", "fashion-mnist", "binarized-mnist")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -37,6 +39,8 @@ class DataConfig:
     download: bool = True  # try torchvision's download when files are missing
 
     def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.binarize not in ("dynamic", "fixed"):
             raise ValueError(f"binarize must be 'dynamic' or 'fixed', got {self.binarize!r}")
         for name in ("train_limit", "test_limit"):
@@ -53,6 +57,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     elbo: str = "trace"  # "trace" (Monte Carlo KL) or "meanfield" (analytic KL)
+    engine: str = "svi"  # "svi" (pyro.infer.SVI, pyro.optim) or "module" (ELBO module + torch Adam)
     num_particles: int = 1
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -64,6 +69,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
             _positive(name, getattr(self, name))
+        if self.engine not in ("svi", "module"):
+            raise ValueError(f"engine must be 'svi' or 'module', got {self.engine!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):

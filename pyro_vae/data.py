@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import DATASETS
+
 DATA_DIR_ENV = "PYRO_VAE_DATA"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "pyro_vae" / "data"
 FIXED_BINARIZATION_SEED = 0  # same binary training set for every run with --binarize fixed
 TEST_BINARIZATION_SEED = 1  # same binary test set for every evaluation of every run
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 
-DATASETS = ("mnist", "fashion-mnist", "binarized-mnist")
 
 
 class DatasetNotFoundError(FileNotFoundError):

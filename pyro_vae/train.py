@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +27,6 @@ from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from . import checkpoint, rng
@@ -34,12 +35,14 @@ from .data import ImageData, TrainingSet, binary_test_set, load_data
 from .evaluate import Estimate, elbo_terms
 from .baselines import Autoencoder
 from .objectives import build_elbo, kl_weight, training_program
+from .steps import NonFiniteError, build_engine
 from .vae import VAE, build_vae
 
 CONFIG_NAME = "config.json"
 VERSIONS_NAME = "versions.json"
 METRICS_NAME = "metrics.jsonl"
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
+PROGRESS_EVERY = 50  # steps between progress-bar refreshes (the only host syncs of an epoch)
 TRAIN_EVAL_IMAGES = 10_000  # the true train ELBO is measured on this many training images
 
 
@@ -48,7 +51,45 @@ class RunDirError(RuntimeError):
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step; a checkpoint of that step was saved."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step
+    (a second SIGINT stops at once). Signals can only be caught in the main thread;
+    elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 @dataclass
@@ -110,64 +151,79 @@ def train(
 
     rng.set_seed(cfg.seed)
     vae = build_run_model(config, train_data.image_shape).to(device)
-    optimizer = pyro.optim.Adam({"lr": cfg.lr})
-    start_epoch = 0
     if state is not None:
         _check_compatible(state, config, run_dir)
         _load_weights(vae, state, run_dir)
-        optimizer.set_state(state["optim"])
         rng.set_state(state["rng"])
-        start_epoch = state["epoch"]
-        _truncate_metrics(run_dir / METRICS_NAME, start_epoch)
-        log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+        _truncate_metrics(run_dir / METRICS_NAME, state["epoch"])
+        at = state["position"]
+        where = f"epoch {at['epoch'] + 1}, step {at['step']}" if at["step"] else f"epoch {at['epoch']}"
+        log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
     else:
         _write_json(run_dir / CONFIG_NAME, config.to_dict())
         _write_json(run_dir / VERSIONS_NAME, versions(device))
         (run_dir / METRICS_NAME).write_text("")
 
     n = len(training_set)
-    with pyro.get_param_store().scope():
-        model, guide = training_program(vae, cfg.objective)
-        svi = SVI(model, guide, optimizer, loss=build_elbo(cfg.elbo, cfg.num_particles))
-        for epoch in range(start_epoch, cfg.epochs):
+    num_steps = math.ceil(n / cfg.batch_size)
+    model, guide = training_program(vae, cfg.objective)
+    engine = build_engine(cfg.engine, vae, model, guide, build_elbo(cfg.elbo, cfg.num_particles), cfg.lr)
+    position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
+    if state is not None:
+        engine.load_state_dict(state["optim"])
+        position = state["position"]
+
+    def save_checkpoint(position):
+        engine.check()  # never save a state that a deferred check would reject
+        payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
+                   "model": vae.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
+                   "image_shape": list(train_data.image_shape)}
+        checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
+
+    with pyro.get_param_store().scope(), _StopRequests() as stop:
+        for epoch in range(position["epoch"], cfg.epochs):
+            first = position["step"] if epoch == position["epoch"] else 0
+            loss_sum = torch.tensor(position["loss_sum"] if first else 0.0, dtype=torch.float64, device=device)
+            seconds = position["seconds"] if first else 0.0
             t0 = time.perf_counter()
             images = training_set.images(epoch)
             perm = training_set.permutation(epoch)
-            num_steps = math.ceil(n / cfg.batch_size)
-            total_loss = 0.0
-            bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                       leave=False, file=sys.stderr, mininterval=0.5)
-            for step in bar:
+            bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not progress, file=sys.stderr, mininterval=0.5)
+            for step in range(first, num_steps):
                 weight = _kl_weight(cfg, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loss = svi.step(images[idx], num_data=n, kl_weight=weight)
-                if not math.isfinite(loss):
+                try:
+                    loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
+                    if (step + 1) % PROGRESS_EVERY == 0:
+                        engine.check()
+                        bar.set_postfix(loss=f"{float(loss_sum) / (step + 1 - first) / n:.2f}" if not first else None)
+                except NonFiniteError as err:
                     raise TrainingDivergedError(
-                        f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; nothing was saved "
-                        f"for this epoch and the checkpoint of epoch {epoch} in {run_dir} is intact. "
-                        "Lower --lr or check the data"
+                        f"training stopped at epoch {epoch + 1}, step {step + 1}: {err}. Nothing of this epoch "
+                        f"was saved; the checkpoint in {run_dir} (after epoch {epoch}) is intact. "
+                        "Lower --lr, or check the data"
+                    ) from None
+                bar.update()
+                if stop.signum is not None:
+                    bar.close()
+                    seconds += time.perf_counter() - t0
+                    save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum), "seconds": seconds})
+                    raise TrainingInterrupted(
+                        stop.signum,
+                        f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} of "
+                        f"{num_steps}; the checkpoint in {run_dir} holds this step. "
+                        f"Continue with: pyro-vae train --resume {run_dir}",
                     )
-                total_loss += loss
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{total_loss / (step + 1) / n:.2f}")
             bar.close()
-            train_seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "train_objective": -total_loss / num_steps / n, "kl_weight": weight}
+            seconds += time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight}
+            engine.check()
             record.update(epoch_metrics(vae, "train", images[:TRAIN_EVAL_IMAGES], cfg))
             record.update(epoch_metrics(vae, "test", test_data.images, cfg))
-            record["seconds"] = train_seconds
+            record["seconds"] = seconds
             _append_jsonl(run_dir / METRICS_NAME, record)
-            checkpoint.save(
-                {
-                    "config": config.to_dict(),
-                    "epoch": epoch + 1,
-                    "model": vae.state_dict(),
-                    "optim": optimizer.get_state(),
-                    "rng": rng.get_state(),
-                    "image_shape": list(train_data.image_shape),
-                },
-                run_dir / checkpoint.CHECKPOINT_NAME,
-            )
+            save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
             log(_epoch_line(record, cfg))
     return Run(vae, config, run_dir, device, cfg.epochs)
 

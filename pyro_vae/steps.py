@@ -1,0 +1,116 @@
+"""One SVI step, two ways. Both minimise the same Pyro ELBO of the same model and guide.
+
+``svi``: :class:`pyro.infer.SVI` with :class:`pyro.optim.Adam`, the textbook loop. Pyro
+keeps one torch optimiser per parameter tensor and returns the loss as a Python float,
+which is a host synchronisation on CUDA at every step.
+
+``module``: the ELBO as a :class:`torch.nn.Module` (``Trace_ELBO()(model, guide)``,
+Pyro's PyTorch-native interface to the same estimator) with one multi-tensor
+:class:`torch.optim.Adam` (``foreach`` on the CPU, ``fused`` on CUDA). The loss stays a
+device tensor, so the step never waits for the device.
+
+Both check for non-finite values before the optimiser moves: an engine raises
+:class:`NonFiniteError` rather than take a poisoned step. On CUDA the ``module`` engine
+instead records the first bad step in a device tensor and the loop reads it when it
+reports progress, so no step waits for the GPU (and a poisoned state is never saved).
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.util import zero_grads
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient is NaN or infinite."""
+
+
+class SVIEngine:
+    """:class:`pyro.infer.SVI`'s step with the gradients checked before Adam moves."""
+
+    name = "svi"
+
+    def __init__(self, vae, model, guide, elbo, lr: float):
+        self.model, self.guide, self.elbo = model, guide, elbo
+        self.optim = pyro.optim.Adam({"lr": lr})
+        self.svi = pyro.infer.SVI(model, guide, self.optim, loss=elbo)
+
+    def step(self, x, **kwargs) -> torch.Tensor:
+        # SVI.step, opened up so the gradients can be checked between backward and update
+        with poutine.trace(param_only=True) as capture:
+            loss = self.elbo.loss_and_grads(self.model, self.guide, x, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        _raise_if_non_finite(torch.as_tensor(loss), [p.grad for p in params if p.grad is not None])
+        self.optim(params)
+        zero_grads(params)
+        return torch.as_tensor(loss)
+
+    def check(self) -> None:
+        """Nothing deferred: every step was checked as it ran."""
+
+    def state_dict(self) -> dict:
+        return self.optim.get_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optim.set_state(state)
+
+
+class ModuleEngine:
+    """The ELBO as a torch module, stepped by one multi-tensor Adam; no host syncs on CUDA."""
+
+    name = "module"
+
+    def __init__(self, vae, model, guide, elbo, lr: float):
+        self.loss_fn = elbo(model, guide)
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        cuda = self.params[0].is_cuda
+        self.optim = torch.optim.Adam(self.params, lr=lr, foreach=None if cuda else True, fused=True if cuda else None)
+        self.deferred = cuda  # on CUDA, checks are read later instead of synchronising now
+        self.steps = 0
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.params[0].device)
+
+    def step(self, x, **kwargs) -> torch.Tensor:
+        self.optim.zero_grad(set_to_none=True)
+        loss = self.loss_fn(x, **kwargs)
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.steps += 1
+        if self.deferred:
+            bad = ~torch.isfinite(loss) | ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            self.first_bad = torch.where(self.first_bad.lt(0) & bad, self.steps, self.first_bad)
+        else:
+            _raise_if_non_finite(loss, grads)
+        self.optim.step()
+        return loss.detach()
+
+    def check(self) -> None:
+        """Raise if a deferred check failed; reading it synchronises with the device."""
+        if self.deferred and int(self.first_bad) >= 0:
+            back = self.steps - int(self.first_bad)
+            raise NonFiniteError(f"the loss or a gradient was NaN or infinite {back} step(s) before the last one")
+
+    def state_dict(self) -> dict:
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optim.load_state_dict(state)
+
+
+def _raise_if_non_finite(loss: torch.Tensor, grads) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteError(f"the loss is {float(loss)}")
+    for g in grads:
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError("a gradient holds NaN or infinite values (the loss was finite)")
+
+
+ENGINES = {"svi": SVIEngine, "module": ModuleEngine}
+
+
+def build_engine(name: str, vae, model, guide, elbo, lr: float):
+    try:
+        return ENGINES[name](vae, model, guide, elbo, lr)
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
