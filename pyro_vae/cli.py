@@ -89,16 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
     p = sub.add_parser("plot", help="figures of trained runs: latent space, manifold, samples, curves, ...")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
-                   help="the run to draw; for --kind comparison several runs (e.g. autoencoder, KL-only, VAE)")
+                   help="the run to draw; for --kind comparison or kl-profile one or more runs")
     p.add_argument("--kind", default="all", choices=("latent", "manifold", "samples", "reconstructions",
-                                                     "interpolation", "dims", "curves", "all", "comparison"),
-                   help="which figure; all: every one that applies to the run")
+                                                     "interpolation", "dims", "curves", "all", "comparison",
+                                                     "kl-profile"),
+                   help="which figure; all: every one that applies to the run; comparison and kl-profile "
+                        "draw several runs side by side")
     p.add_argument("--out", type=Path, metavar="FOLDER", help="folder for the figures (default RUN_DIR/figures)")
     p.add_argument("--pdf", action="store_true", help="write a PDF beside each PNG")
     p.add_argument("--tsne", action="store_true", help="latent: t-SNE instead of PCA when z_dim > 2 (needs scikit-learn)")
     p.add_argument("--spherical", action="store_true", help="interpolation: add spherical (slerp) paths")
     p.add_argument("--limit", type=_positive_int, help="use the first N test images only (default: all)")
-    p.add_argument("--names", nargs="+", help="comparison: one panel title per run (default: from each run's objective)")
+    p.add_argument("--names", nargs="+", help="comparison, kl-profile: one name per run (default: from its objective)")
     p.add_argument("--seed", type=int, default=0, help="seed of prior samples and interpolation pairs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--data-dir", help="data folder, if not the one the runs were trained with")
@@ -252,9 +254,10 @@ def cmd_plot(args) -> int:
     from .evaluate import active_units, kl_per_dimension
     from .train import load_run, read_metrics
 
-    if (args.kind == "comparison") != (len(args.run_dirs) > 1):
-        raise ValueError("--kind comparison takes two or more RUN_DIRs (e.g. autoencoder, KL-only, VAE); "
-                         f"every other kind takes one, got {len(args.run_dirs)}")
+    multi = args.kind in ("comparison", "kl-profile")
+    if len(args.run_dirs) > 1 and not multi:
+        raise ValueError(f"--kind {args.kind} draws one run, got {len(args.run_dirs)} RUN_DIRs; "
+                         "--kind comparison and --kind kl-profile take several")
     runs = []
     for run_dir in args.run_dirs:
         run = load_run(run_dir, device=args.device)
@@ -266,18 +269,25 @@ def cmd_plot(args) -> int:
     classes = test.classes
     out = args.out if args.out is not None else run.run_dir / "figures"
     written = []
-    if args.kind == "comparison":
+    if multi:
         titles = {"autoencoder": "Autoencoder (reconstruction only)", "kl-only": "KL term only"}
         names = args.names or [
-            titles.get(getattr(r.config.train, "objective", "elbo"), "VAE (ELBO)")
-            + (f", beta = {r.config.train.beta:g}" if getattr(r.config.train, "beta", 1.0) != 1.0 else "")
+            titles.get(r.config.train.objective, "VAE (ELBO)")
+            + (f", beta = {r.config.train.beta:g}" if r.config.train.beta != 1.0 else "")
+            + (f", KL warm-up {r.config.train.kl_warmup_epochs} epochs" if r.config.train.kl_warmup_epochs else "")
             for r in runs
         ]
         if len(names) != len(runs):
-            raise ValueError(f"--names gives {len(names)} titles for {len(runs)} runs")
-        panels = [(name, plots.posterior_means(r.vae, test.images)) for name, r in zip(names, runs)]
-        written.append(plots.comparison_figure(panels, test.labels, out / "comparison.png", classes=classes, pdf=args.pdf))
-    kinds = plots.KINDS if args.kind == "all" else (args.kind,) if args.kind != "comparison" else ()
+            raise ValueError(f"--names gives {len(names)} names for {len(runs)} runs")
+        if args.kind == "comparison":
+            panels = [(name, plots.posterior_means(r.vae, test.images)) for name, r in zip(names, runs)]
+            written.append(plots.comparison_figure(panels, test.labels, out / "comparison.png", classes=classes,
+                                                   pdf=args.pdf))
+        else:
+            profiles = [(name, kl_per_dimension(r.vae, test.images), active_units(r.vae, test.images)[1])
+                        for name, r in zip(names, runs)]
+            written.append(plots.kl_profile_figure(profiles, out / "kl-profile.png", pdf=args.pdf))
+    kinds = plots.KINDS if args.kind == "all" else () if multi else (args.kind,)
     vae = run.vae
     for kind in kinds:
         path = out / f"{kind}.png"

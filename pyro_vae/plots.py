@@ -15,6 +15,7 @@ stay for ``pyro-vae sample`` and ``pyro-vae reconstruct``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from .rng import forked_rng  # noqa: E402
@@ -36,11 +39,12 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "latent": (7.0, 6.0),
     "manifold": (8.0, 8.4),
     "samples": (6.0, 6.4),
-    "reconstructions": (8.0, 4.6),
+    "reconstructions": (8.0, 4.3),
     "interpolation": (9.0, 3.2),  # per panel (linear, and spherical when asked)
     "dims": (9.0, 8.0),
-    "curves": (12.0, 3.8),
+    "curves": (12.0, 4.0),
     "comparison": (5.0, 5.2),  # per panel
+    "kl-profile": (12.0, 5.0),
 }
 KINDS = ("latent", "manifold", "samples", "reconstructions", "interpolation", "dims", "curves")
 
@@ -111,11 +115,14 @@ def tsne(z: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tens
 def project_latents(z: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, tuple[str, str]]:
     """2-D coordinates of latent codes and their axis labels.
 
-    ``method``: ``"auto"`` (the codes themselves when z_dim = 2, else PCA), ``"pca"`` or ``"tsne"``.
+    ``method``: ``"auto"`` (the codes themselves when z_dim <= 2, else PCA), ``"direct"``,
+    ``"pca"`` or ``"tsne"``.
     """
     if method == "auto":
         method = "direct" if z.shape[1] <= 2 else "pca"
     if method == "direct":
+        if z.shape[1] > 2:
+            raise ValueError(f"cannot plot {z.shape[1]}-D codes directly; project them with 'pca' or 'tsne'")
         if z.shape[1] == 1:
             return torch.cat([z, torch.zeros_like(z)], 1), ("$z_1$", "(z_dim = 1)")
         return z, ("$z_1$", "$z_2$")
@@ -127,7 +134,7 @@ def project_latents(z: torch.Tensor, method: str = "auto", seed: int = 0) -> tup
         return proj, tuple(f"PC {i + 1} ({100 * float(e):.0f}% of variance)" for i, e in enumerate(explained))
     if method == "tsne":
         return tsne(z, seed), ("t-SNE 1", "t-SNE 2")
-    raise ValueError(f"unknown projection {method!r}; choose 'auto', 'pca' or 'tsne'")
+    raise ValueError(f"unknown projection {method!r}; choose 'auto', 'direct', 'pca' or 'tsne'")
 
 
 def manifold_grid(n: int = 20) -> torch.Tensor:
@@ -198,9 +205,9 @@ def latent_figure(
     codes = posterior_means(vae, images).cpu()
     xy, axis_labels = project_latents(codes, method, seed)
     fig, ax = plt.subplots(figsize=FIGSIZE["latent"], layout="constrained")
-    direct = codes.shape[1] == 2 and method in ("auto", "direct")
-    scatter = _scatter_codes(ax, xy, labels, axis_labels, prior_circles=direct)
-    how = "" if direct else {"pca": ", PCA", "auto": ", PCA", "tsne": ", t-SNE"}[method]
+    direct = codes.shape[1] <= 2 and method in ("auto", "direct")
+    scatter = _scatter_codes(ax, xy, labels, axis_labels, prior_circles=direct and codes.shape[1] == 2)
+    how = "" if direct else {"pca": ", PCA", "auto": ", PCA", "tsne": ", t-SNE"}.get(method, "")
     ax.set_title(title or f"Posterior means $E_q[z|x]$ of {len(codes)} test images (z_dim = {codes.shape[1]}{how})")
     _class_colorbar(fig, scatter, ax, labels, classes)
     return _save(fig, path, pdf)
@@ -336,18 +343,19 @@ def dims_figure(
                      label=f"test image {k + 1}")
     ax0.set_ylabel("posterior loc $\\pm$ scale")
     ax0.set_title("$q(z_d|x)$ for a few test images against the prior")
-    ax0.legend(loc="upper right", fontsize=8, ncol=min(5, loc.shape[0] + 1))
+    ax0.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     bar_colors = np.where(active, "tab:blue", "tab:gray")
-    ax1.bar(d, kl, color=bar_colors)
+    width = 0.8 if len(d) > 4 else 0.4
+    ax1.bar(d, kl, color=bar_colors, width=width)
     ax1.set_ylabel("KL (nats / image)")
     ax1.set_title(f"KL$(q(z_d|x)\\,\\|\\,p(z_d))$ per dimension, test-set mean (total {kl.sum():.1f} nats)")
-    ax2.bar(d, np.maximum(activity, 1e-12), color=bar_colors)
+    ax2.bar(d, np.maximum(activity, 1e-12), color=bar_colors, width=width)
     ax2.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax2.set_yscale("log")
     ax2.set_ylabel("Var$_x\\, E_q[z_d|x]$")
     ax2.set_xlabel("latent dimension $d$")
     ax2.set_title(f"Activity: {int(active.sum())} of {len(d)} units active (blue; Burda et al., 2015)")
-    ax2.legend(loc="upper right", fontsize=8)
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     if len(d) <= 20:
         ax2.set_xticks(d)
     if title:
@@ -381,15 +389,19 @@ def curves_figure(records: Sequence[dict], path: str | Path, *, title: str | Non
     weights = [r.get("kl_weight") for r in records]
     if any(v is not None for v in objective) and any(w is not None and w != 1.0 for w in weights):
         axes[0].plot(epochs, _nan(objective), color="tab:green", ls="--", marker=".", label="train objective")
+    legend_axes = list(axes)
     if any(w is not None for w in weights) and len(set(weights)) > 1:
         twin = axes[2].twinx()
-        twin.plot(epochs, _nan(weights), color="tab:gray", ls=":", label="KL weight")
+        twin.plot(epochs, _nan(weights), color="tab:gray", ls=":", label="KL weight (right axis)")
         twin.set_ylabel("KL weight", color="tab:gray")
         twin.set_ylim(bottom=0)
+        legend_axes.append(twin)
     for ax in axes:
-        ax.legend(fontsize=8)
-        if len(epochs) <= 12:
-            ax.set_xticks(epochs)
+        if not ax.get_lines():  # the autoencoder has no KL and so no ELBO
+            ax.text(0.5, 0.5, "not defined for this objective", ha="center", va="center", transform=ax.transAxes,
+                    color="0.4")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _figure_legend(fig, legend_axes)
     fig.suptitle(title or "Per-epoch metrics (higher ELBO and log-likelihood are better)")
     return _save(fig, path, pdf)
 
@@ -421,6 +433,46 @@ def comparison_figure(
         ax.set_title(f"{name}\nstd of codes: {float(spread[0]):.3g}, {float(spread[1]):.3g}", fontsize=10)
     _class_colorbar(fig, scatter, axes[0].tolist(), labels, classes)
     fig.suptitle(title or "Posterior means of the same test images (dashed: prior's 1 and 2 sigma)")
+    return _save(fig, path, pdf)
+
+
+def kl_profile_figure(
+    profiles: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+    path: str | Path,
+    *,
+    threshold: float = 0.01,
+    title: str | None = None,
+    pdf: bool = False,
+) -> Path:
+    """How many latent dimensions each run uses: the signature of posterior collapse.
+
+    ``profiles``: ``(name, kl (z_dim,), activity (z_dim,))`` per run, as returned by
+    :func:`pyro_vae.evaluate.kl_per_dimension` and :func:`pyro_vae.evaluate.active_units`.
+    Left: KL per dimension sorted from largest to smallest. Right: activity
+    Var_x E_q[z_d|x], sorted, against ``threshold``. Both on log scales, where a
+    collapsed dimension shows as a drop of several orders of magnitude.
+    """
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=FIGSIZE["kl-profile"], layout="constrained")
+    floor = 1e-6  # collapsed dimensions can reach 0 to rounding; keep them on the log axis
+    for name, kl, activity in profiles:
+        kl = kl.detach().double().cpu().numpy()
+        activity = activity.detach().double().cpu().numpy()
+        rank = np.arange(1, len(kl) + 1)
+        label = f"{name}: {int((activity > threshold).sum())} active, KL {kl.sum():.1f}"
+        (line,) = ax0.plot(rank, np.maximum(np.sort(kl)[::-1], floor), marker=".", label=label)
+        ax1.plot(rank, np.maximum(np.sort(activity)[::-1], floor), marker=".", color=line.get_color())
+    ax1.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"activity threshold {threshold:g}")
+    for ax in (ax0, ax1):
+        ax.set_yscale("log")
+        ax.set_xlabel("latent dimensions, sorted (largest first)")
+        ax.grid(alpha=0.3)
+    ax0.set_ylabel("KL$(q(z_d|x)\\,\\|\\,p(z_d))$, nats / image")
+    ax0.set_title("KL per dimension (test-set mean)")
+    ax1.set_ylabel("Var$_x\\, E_q[z_d|x]$")
+    ax1.set_title("Activity per dimension (Burda et al., 2015)")
+    _figure_legend(fig, [ax0, ax1], ncol=3)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path, pdf)
 
 
@@ -472,7 +524,7 @@ def _scatter_codes(ax, xy: torch.Tensor, labels, axis_labels, prior_circles: boo
         scatter = ax.scatter(xy[order, 0], xy[order, 1], c=lab[order], cmap=cmap, norm=norm, s=2, alpha=0.6,
                              rasterized=True)
     if prior_circles:
-        lim = max(3.0, float(np.percentile(np.abs(xy), 99.5)) * 1.1)
+        lim = max(3.0, float(np.percentile(np.abs(xy), 99.9)) * 1.05)  # a few far outliers may fall outside
         for r in (1, 2):
             ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=1, color="0.3"))
         ax.set_xlim(-lim, lim)
@@ -482,6 +534,17 @@ def _scatter_codes(ax, xy: torch.Tensor, labels, axis_labels, prior_circles: boo
     ax.set_ylabel(axis_labels[1])
     ax.grid(alpha=0.2)
     return scatter
+
+
+def _figure_legend(fig, axes, ncol: int | None = None) -> None:
+    """One legend for the whole figure, below the panels, so it never covers data."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol or len(entries),
+                   fontsize=9, frameon=False)
 
 
 def _class_colors(n: int):
@@ -515,7 +578,14 @@ def _nan(values) -> list[float]:
 def _save(fig, path: str | Path, pdf: bool) -> Path:
     path = _writable(path)
     try:
-        fig.savefig(path, dpi=DPI)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=DPI)
+        # A palette makes the PNGs several times smaller (the docs embed a dozen of them):
+        # 256 colours keep plots intact; 32 grey levels are plenty for the blurry decoder means.
+        image = Image.open(buffer).convert("RGB")
+        pixels = np.asarray(image)
+        grey = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+        image.quantize(32 if grey else 256).save(path, format="PNG", optimize=True)
         if pdf:
             fig.savefig(path.with_suffix(".pdf"))
     finally:
