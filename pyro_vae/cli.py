@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .train import TrainingInterrupted
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 FLAG_HELP = {
@@ -30,6 +31,10 @@ FLAG_HELP = {
     "test_limit": "evaluate on the first N test images only",
     "download": "try torchvision's download when the files are missing",
     "elbo": "trace (Monte Carlo KL) | meanfield (analytic KL)",
+    "engine": "svi (pyro.infer.SVI + pyro.optim.Adam) | module (ELBO as torch module + one torch Adam)",
+    "objective": "elbo | autoencoder (point-mass encoder, no KL) | kl-only",
+    "beta": "weight of the KL term (beta-VAE)",
+    "kl_warmup_epochs": "raise the KL weight linearly to beta over this many epochs",
     "num_particles": "samples of z per image in each ELBO estimate",
     "device": "auto | cpu | cuda[:N]  (auto: CUDA when available)",
     "eval_batch_size": "images per batch when evaluating the test set",
@@ -41,6 +46,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
+    except TrainingInterrupted as stop:
+        print(f"pyro-vae: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
