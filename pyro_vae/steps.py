@@ -17,6 +17,7 @@ reports progress, so no step waits for the GPU (and a poisoned state is never sa
 
 from __future__ import annotations
 
+import contextlib
 import pyro
 import torch
 from pyro import poutine
@@ -39,7 +40,7 @@ class SVIEngine:
 
     def step(self, x, **kwargs) -> torch.Tensor:
         # SVI.step, opened up so the gradients can be checked between backward and update
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, _non_finite_parameters():
             loss = self.elbo.loss_and_grads(self.model, self.guide, x, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         _raise_if_non_finite(torch.as_tensor(loss), [p.grad for p in params if p.grad is not None])
@@ -73,7 +74,8 @@ class ModuleEngine:
 
     def step(self, x, **kwargs) -> torch.Tensor:
         self.optim.zero_grad(set_to_none=True)
-        loss = self.loss_fn(x, **kwargs)
+        with _non_finite_parameters():
+            loss = self.loss_fn(x, **kwargs)
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
@@ -96,6 +98,18 @@ class ModuleEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optim.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _non_finite_parameters():
+    """Pyro's validation rejects NaN distribution parameters (NaN logits, say) with a
+    ValueError; report it as the non-finite value it is."""
+    try:
+        yield
+    except ValueError as err:
+        if "found invalid values" not in str(err):
+            raise
+        raise NonFiniteError(f"NaN or infinite values reached a distribution: {str(err).splitlines()[0]}") from err
 
 
 def _raise_if_non_finite(loss: torch.Tensor, grads) -> None:

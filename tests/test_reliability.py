@@ -1,0 +1,162 @@
+"""Fault injection: SIGKILL at random moments, SIGINT/SIGTERM, NaNs. Nothing is lost."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig, checkpoint, load_run, train
+from pyro_vae.train import TrainingDivergedError, read_metrics
+
+train_module = sys.modules["pyro_vae.train"]  # the module (pyro_vae.train is also the function)
+
+EPOCHS = 5
+FLAGS = ["--train-limit", "2000", "--test-limit", "100", "--batch-size", "50", "--z-dim", "20",
+         "--hidden-dims", "300", "--eval-batch-size", "500", "--device", "cpu", "--no-progress"]
+
+
+def config(data_dir, **train_kw):
+    return RunConfig(
+        ModelConfig(z_dim=20, hidden_dims=(300,)),
+        DataConfig(data_dir=str(data_dir), train_limit=2000, test_limit=100),
+        TrainConfig(**{"epochs": EPOCHS, "batch_size": 50, "eval_batch_size": 500, "device": "cpu", **train_kw}),
+    )
+
+
+def start(args, data_dir):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pyro_vae.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(run_dir, k, proc, timeout=120):
+    """Block until metrics.jsonl holds k epochs (or the process ends)."""
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= k:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted run that every interrupted one must reproduce exactly."""
+    run = train(config(data_dir), tmp_path_factory.mktemp("ref") / "run", progress=False, log=lambda s: None)
+    return run.vae.state_dict()
+
+
+def assert_same_parameters(run_dir, reference):
+    final = load_run(run_dir, device="cpu")
+    assert final.epoch == EPOCHS
+    for name, value in final.vae.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, data_dir, reference):
+    run_dir = tmp_path / "run"
+    rnd = random.Random(1234)
+    kills = 0
+    proc = start([*FLAGS, "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
+    for k in (1, 2, 4):  # kill somewhere inside epoch k + 1 (or while its checkpoint is written)
+        assert wait_for_epochs(run_dir, k, proc), proc.communicate()
+        time.sleep(rnd.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+        # whatever the moment, the latest complete checkpoint is intact and loadable
+        state = checkpoint.load(run_dir / "checkpoint.pt")
+        assert state["epoch"] >= k - 1  # metrics are written just before the checkpoint
+        proc = start(["--resume", str(run_dir), "--no-progress"], data_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert kills >= 2  # the kills landed while training ran
+    assert_same_parameters(run_dir, reference)
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_graceful_interrupt_saves_the_step_and_resumes_exactly(tmp_path, data_dir, reference, sig):
+    run_dir = tmp_path / "run"
+    proc = start([*FLAGS, "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
+    assert wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert f"pyro-vae train --resume {run_dir}" in err and signal.Signals(sig).name in err
+    state = checkpoint.load(run_dir / "checkpoint.pt")
+    assert state["position"]["step"] > 0 or state["epoch"] > 1  # saved mid-epoch, after a finished step
+    resumed = start(["--resume", str(run_dir), "--no-progress"], data_dir)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_parameters(run_dir, reference)
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save({"epoch": 1, "w": torch.ones(10)}, path)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import torch, sys; from pyro_vae import checkpoint\n"
+        "print('go', flush=True)\n"
+        "for i in range(100): checkpoint.save({'epoch': 2 + i, 'w': torch.randn(50_000_000)}, sys.argv[1])"
+    ), str(path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "go"
+    time.sleep(1.0)  # well inside the writing of a 200 MB checkpoint
+    writer.kill()
+    writer.wait()
+    state = checkpoint.load(path)  # the last complete checkpoint: never a torn one
+    assert state["epoch"] >= 1 and torch.isfinite(state["w"]).all()
+
+
+class PoisonAfter:
+    """A forward hook that turns the decoder's output into NaN from the n-th call on."""
+
+    def __init__(self, n, where="output"):
+        self.n, self.calls, self.where = n, 0, where
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        if self.calls >= self.n:
+            if self.where == "output":
+                return output * float("nan")
+            # finite output, NaN gradient: poison only the backward pass
+            output.register_hook(lambda g: g * float("nan"))
+        return output
+
+
+@pytest.mark.parametrize("engine", ["svi", "module"])
+@pytest.mark.parametrize("where", ["output", "gradient"])
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, engine, where):
+    cfg = replace(config(data_dir, epochs=3, engine=engine), data=DataConfig(data_dir=str(data_dir), train_limit=200, test_limit=50))
+    build = train_module.build_run_model
+    # 4 steps per epoch and one evaluation pass each for train and test (no gradients):
+    # the 8th decoder call in training mode is epoch 2, step 2 when evaluations are counted out
+    hook = PoisonAfter(10 ** 9, where)
+
+    def poisoned(config, image_shape):
+        vae = build(config, image_shape)
+        vae.decoder.register_forward_hook(lambda m, i, o: hook(m, i, o) if torch.is_grad_enabled() else o)
+        return vae
+
+    monkeypatch.setattr(train_module, "build_run_model", poisoned)
+    hook.n = 6  # training calls only: epoch 2, step 2
+    with pytest.raises(TrainingDivergedError) as info:
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    msg = str(info.value)
+    assert "epoch 2, step 2" in msg and "after epoch 1" in msg
+    assert ("gradient" in msg) == (where == "gradient")
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len(read_metrics(tmp_path / "run")) == 1
