@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{path} holds objects a safe load refuses (it was not written by pyro_vae, or was "
             f"tampered with); refusing to unpickle it: {err}"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # the safe unpickler fails in many ways on damaged bytes
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({err}); "
                               "delete it or restore it from a copy") from err
     if not isinstance(payload, dict) or "format_version" not in payload:
@@ -67,6 +66,13 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{FORMAT_VERSION}; use the pyro_vae version that wrote it"
         )
     return payload
+
+
+def require(payload: dict, keys, path) -> None:
+    """Raise a :class:`CheckpointError` naming the entries ``payload`` lacks."""
+    missing = sorted(set(keys) - set(payload))
+    if missing:
+        raise CheckpointError(f"the checkpoint {path} lacks {', '.join(missing)}; it is damaged or from another tool")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -272,6 +272,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a run directory (it does not exist)")
     state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+    checkpoint.require(state, ("config", "model", "image_shape", "epoch"), run_dir / checkpoint.CHECKPOINT_NAME)
     config = _config_from(state, run_dir)
     dev = resolve_device(device)
     vae = build_run_model(config, state["image_shape"])
@@ -317,6 +318,8 @@ def _prepare_run_dir(config, run_dir: Path, resume: bool, overwrite: bool):
         if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
             raise RunDirError(f"cannot resume: {run_dir} holds no checkpoint ({checkpoint.CHECKPOINT_NAME})")
         state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+        checkpoint.require(state, ("config", "model", "image_shape", "epoch", "position", "optim", "rng"),
+                           run_dir / checkpoint.CHECKPOINT_NAME)
         stored = _config_from(state, run_dir)
         if config is not None and replace(config, train=replace(config.train, epochs=stored.train.epochs)) != stored:
             raise RunDirError(
