@@ -1,0 +1,277 @@
+"""Speed of pyro_vae's training step against a hand-written PyTorch VAE step.
+
+Both sides train the same network (MLP 784-400-50, softplus) with the same estimator (a
+one-sample Monte Carlo ELBO: log p(x|z) + log p(z) - log q(z|x) at a reparameterised z,
+scaled by N / B), the same Adam, and the same data path (the binarised training set held
+as one tensor on the device, batches gathered by index). Each (implementation, batch
+size) pair runs in its own fresh process, rounds interleaved, so the two sides share
+the machine's conditions and each process's peak memory is its own.
+
+    python experiments/benchmark.py                      # everything, writes a JSON report
+    python experiments/benchmark.py --smoke              # seconds: the test suite runs this
+    python experiments/benchmark.py --skip-quality --skip-is
+
+Reported: images per second, milliseconds per step, peak memory (CPU: the process's
+peak resident set; CUDA: torch's peak allocation), and the ratio ours / reference; the
+epochs and seconds for the default configuration to reach a test ELBO of -100 nats; the
+wall time of the importance-sampled evaluation (K = 5000 over the 10,000 test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the reference: a hand-written PyTorch VAE step ----------------------------------
+
+
+class ReferenceVAE(torch.nn.Module):
+    """Plain PyTorch, the way one writes it by hand: same layers as pyro_vae's MLP pair."""
+
+    def __init__(self, x_dim=784, z_dim=50, hidden=400):
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Linear(x_dim, hidden), torch.nn.Softplus())
+        self.enc_loc = torch.nn.Linear(hidden, z_dim)
+        self.enc_scale = torch.nn.Linear(hidden, z_dim)
+        self.dec = torch.nn.Sequential(torch.nn.Linear(z_dim, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, x_dim))
+
+    def loss(self, x, num_data):
+        h = self.enc(x)
+        loc, scale = self.enc_loc(h), torch.nn.functional.softplus(self.enc_scale(h))
+        eps = torch.randn_like(loc)
+        z = loc + scale * eps
+        logits = self.dec(z)
+        log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        # log p(z) - log q(z|x) at the sample (the 0.5 log 2 pi terms cancel)
+        log_ratio = (-0.5 * z.pow(2) + 0.5 * eps.pow(2) + scale.log()).sum()
+        return -(log_lik + log_ratio) * (num_data / x.shape[0])
+
+
+def reference_step_fn(device, batch_size, compile_step=False):
+    model = ReferenceVAE().to(device)
+    cuda = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=None if cuda else True, fused=True if cuda else None)
+    loss_fn = torch.compile(model.loss) if compile_step else model.loss
+
+    def step(x, n):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(x, n)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def ours_step_fn(device, batch_size, engine):
+    import pyro
+
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.objectives import build_elbo
+    from pyro_vae.steps import build_engine
+    from pyro_vae.vae import build_vae
+
+    vae = build_vae(ModelConfig(), (1, 28, 28)).to(device)
+    eng = build_engine(engine, vae, vae.model, vae.guide, build_elbo("trace"), 1e-3)
+    scope = pyro.get_param_store().scope()
+    scope.__enter__()
+
+    def step(x, n):
+        return eng.step(x, num_data=n, kl_weight=1.0)
+
+    return step
+
+
+def time_steps(impl: str, device_name: str, batch_size: int, steps: int, warmup: int) -> dict:
+    """Runs inside a fresh process: time ``steps`` training steps after ``warmup``."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 60_000
+    data = torch.bernoulli(torch.full((n, 784), 0.13, device=device), generator=g)  # MNIST's mean intensity
+    if impl == "reference":
+        step = reference_step_fn(device, batch_size)
+    elif impl == "reference-compiled":
+        step = reference_step_fn(device, batch_size, compile_step=True)
+    else:
+        step = ours_step_fn(device, batch_size, impl.split(":", 1)[1])
+    perm = torch.randperm(n, device=device, generator=g)
+    batches = n // batch_size
+
+    def run(k, offset):
+        total = torch.zeros((), device=device)
+        for i in range(k):
+            j = (offset + i) % batches
+            total += step(data[perm[j * batch_size : (j + 1) * batch_size]], n)
+        return float(total)  # one sync at the end, as the training loop reads once per refresh
+
+    run(warmup, 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run(steps, warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"ms_per_step": 1000 * seconds / steps, "images_per_s": steps * batch_size / seconds, "peak_mib": peak}
+
+
+def measure(impl, device, batch_size, steps, warmup) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, device, str(batch_size), str(steps), str(warmup)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmup) -> list[dict]:
+    rows = []
+    for device in devices:
+        for bs in batch_sizes:
+            k = max(10, steps * 128 // bs)  # about the same number of images per measurement
+            samples = {ours: [], reference: []}
+            for _ in range(rounds):
+                for impl in (ours, reference):
+                    samples[impl].append(measure(impl, device, bs, k, warmup))
+            med = {impl: statistics.median(s["images_per_s"] for s in runs) for impl, runs in samples.items()}
+            row = {
+                "device": device, "batch_size": bs, "steps": k, "rounds": rounds,
+                "ours": ours, "reference": reference,
+                "ours_images_per_s": med[ours], "reference_images_per_s": med[reference],
+                "ours_ms_per_step": 1000 * bs / med[ours], "reference_ms_per_step": 1000 * bs / med[reference],
+                "ours_peak_mib": max(s["peak_mib"] for s in samples[ours]),
+                "reference_peak_mib": max(s["peak_mib"] for s in samples[reference]),
+                "ratio": med[ours] / med[reference],
+                "ratio_per_round": [a["images_per_s"] / b["images_per_s"] for a, b in zip(samples[ours], samples[reference])],
+            }
+            rows.append(row)
+            print(f"{device:5} batch {bs:5}  ours {row['ours_images_per_s']:9.0f} img/s "
+                  f"({row['ours_ms_per_step']:.2f} ms)  reference {row['reference_images_per_s']:9.0f} img/s "
+                  f"({row['reference_ms_per_step']:.2f} ms)  ratio {row['ratio']:.3f}", flush=True)
+    return rows
+
+
+def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine) -> dict:
+    from pyro_vae import DataConfig, RunConfig, TrainConfig, train
+    from pyro_vae.train import read_metrics
+
+    cfg = RunConfig(data=DataConfig(data_dir=data_dir), train=TrainConfig(epochs=max_epochs, device=device, engine=engine))
+    t0 = time.perf_counter()
+    # the loop has no early stop; the metrics say when the target was first met
+    train(cfg, out_dir, overwrite=True, progress=False, log=lambda s: print(s, flush=True))
+    wall = time.perf_counter() - t0
+    metrics = read_metrics(out_dir)
+    reached = next((m for m in metrics if m["test_elbo"] >= target), None)
+    train_seconds = None if reached is None else sum(m["seconds"] for m in metrics[: reached["epoch"]])
+    return {"device": device, "target": target, "epochs": None if reached is None else reached["epoch"],
+            "train_seconds": train_seconds, "wall_seconds_all_epochs": wall, "max_epochs": max_epochs,
+            "best_test_elbo": max(m["test_elbo"] for m in metrics)}
+
+
+def time_importance_sampling(device, data_dir, run_dir, num_samples, limit) -> dict:
+    from pyro_vae.data import binary_test_set, load_data
+    from pyro_vae.evaluate import evaluate_model
+    from pyro_vae.train import load_run
+
+    run = load_run(run_dir, device=device)
+    cfg = run.config
+    images = binary_test_set(load_data(cfg, "test", run.device)).head(limit).images
+    t0 = time.perf_counter()
+    report = evaluate_model(run.vae, images, num_samples=num_samples)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"device": device, "num_samples": num_samples, "num_images": images.shape[0],
+            "seconds": time.perf_counter() - t0, f"log_px_is{num_samples}": report[f"log_px_is{num_samples}"].mean}
+
+
+def hardware() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default=None, help="pyro_vae engine to time (default: the CLI's default)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--steps", type=int, default=400, help="timed steps at batch 128 (scaled for larger batches)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-is", action="store_true")
+    p.add_argument("--quality-epochs", type=int, default=40)
+    p.add_argument("--is-samples", type=int, default=5000)
+    p.add_argument("--is-limit", type=int, default=None, help="evaluate the first N test images only")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark")
+    p.add_argument("--smoke", action="store_true", help="a few steps of everything (for the tests)")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        impl, device, bs, steps, warmup = args.child
+        print(json.dumps(time_steps(impl, device, int(bs), int(steps), int(warmup))))
+        return 0
+
+    from pyro_vae.config import TrainConfig
+
+    engine = args.engine or TrainConfig().engine
+    if args.smoke:
+        args.batch_sizes, args.steps, args.warmup, args.rounds = [64], 10, 2, 1
+        args.quality_epochs, args.is_samples, args.is_limit = 1, 10, 20
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"hardware": hardware(), "engine": engine, "command": " ".join(["python", "experiments/benchmark.py", *(argv or sys.argv[1:])])}
+    report["throughput"] = throughput_table(devices, args.batch_sizes, f"ours:{engine}", "reference",
+                                            args.rounds, args.steps, args.warmup)
+    if not args.skip_quality or not args.skip_is:
+        quality_dir = args.out / "quality"
+        for device in devices:
+            if args.smoke:
+                from pyro_vae import DataConfig, RunConfig, TrainConfig as TC, train
+
+                train(RunConfig(data=DataConfig(data_dir=args.data_dir, train_limit=500, test_limit=100),
+                                train=TC(epochs=1, device=device, engine=engine)),
+                      quality_dir / device, overwrite=True, progress=False, log=lambda s: None)
+                report.setdefault("time_to_quality", []).append({"device": device, "smoke": True})
+            elif not args.skip_quality:
+                report.setdefault("time_to_quality", []).append(
+                    time_to_quality(device, args.data_dir, -100.0, args.quality_epochs, quality_dir / device, engine))
+            if not args.skip_is and (quality_dir / device / "checkpoint.pt").exists():
+                report.setdefault("importance_sampling", []).append(
+                    time_importance_sampling(device, args.data_dir, quality_dir / device, args.is_samples, args.is_limit))
+                print(report["importance_sampling"][-1], flush=True)
+    path = args.out / ("benchmark-smoke.json" if args.smoke else "benchmark.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

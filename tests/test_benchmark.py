@@ -1,0 +1,54 @@
+"""The benchmark script runs end to end (a benchmark, not a timed test: no speed is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path, data_dir):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
+    subprocess.run([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--smoke", "--out", str(tmp_path)],
+                   check=True, env=env, capture_output=True, text=True)
+    report = json.loads((tmp_path / "benchmark-smoke.json").read_text())
+    (row,) = report["throughput"]
+    assert row["device"] == "cpu" and row["ours_images_per_s"] > 0 and row["reference_images_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["reference_images_per_s"])
+    assert row["ours_peak_mib"] > 0
+    (is_run,) = report["importance_sampling"]
+    assert is_run["num_images"] == 20 and is_run["log_px_is10"] < 0
+
+
+def test_reference_loss_is_the_same_estimator():
+    """The hand-written reference computes the same one-sample ELBO as pyro_vae's model/guide."""
+    import pyro
+    import torch
+    from pyro import poutine
+    from pyro.infer import Trace_ELBO
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from benchmark import ReferenceVAE
+
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.vae import build_vae
+
+    ref = ReferenceVAE(x_dim=784, z_dim=5, hidden=20).double()
+    vae = build_vae(ModelConfig(z_dim=5, hidden_dims=(20,)), (1, 28, 28)).double()
+    with torch.no_grad():  # copy the reference's weights into pyro_vae's networks
+        pairs = [(vae.encoder.body[0][0], ref.enc[0]), (vae.encoder.head.loc, ref.enc_loc),
+                 (vae.encoder.head.raw_scale, ref.enc_scale), (vae.decoder.net[0], ref.dec[0]),
+                 (vae.decoder.net[2], ref.dec[2])]
+        for ours, theirs in pairs:
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(theirs.bias)
+    x = torch.bernoulli(torch.full((7, 784), 0.2, dtype=torch.float64))
+    torch.manual_seed(3)
+    expected = ref.loss(x, num_data=70)
+    torch.manual_seed(3)  # the same noise: Pyro's Normal.rsample draws eps the same way
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=70)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
