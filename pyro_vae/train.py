@@ -188,13 +188,18 @@ def train(
             t0 = time.perf_counter()
             images = training_set.images(epoch)
             perm = training_set.permutation(epoch)
+            # The whole epoch's data is checked here, once, so the steps can run with Pyro's
+            # validation off: per step it would re-check the same pixels, and on CUDA each
+            # check is a host synchronisation.
+            vae.likelihood.check_data(images, f"the training images of epoch {epoch + 1}")
             bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress, file=sys.stderr, mininterval=0.5)
             for step in range(first, num_steps):
                 weight = _kl_weight(cfg, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 try:
-                    loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
+                    with pyro.validation_enabled(False):
+                        loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1 - first) / n:.2f}" if not first else None)
