@@ -3,9 +3,10 @@
 Both sides train the same network (MLP 784-400-50, softplus) with the same estimator (a
 one-sample Monte Carlo ELBO: log p(x|z) + log p(z) - log q(z|x) at a reparameterised z,
 scaled by N / B), the same Adam, and the same data path (the binarised training set held
-as one tensor on the device, batches gathered by index). Each (implementation, batch
-size) pair runs in its own fresh process, rounds interleaved, so the two sides share
-the machine's conditions and each process's peak memory is its own.
+as one tensor on the device, batches gathered by index). Both run in one process, in
+short blocks interleaved round after round, so that they share the machine's state
+(frequency, caches, other load); the ratio is of the medians. Peak memory is measured
+for each side in a fresh process of its own.
 
     python experiments/benchmark.py                      # everything, writes a JSON report
     python experiments/benchmark.py --smoke              # seconds: the test suite runs this
@@ -86,7 +87,8 @@ def ours_step_fn(device, batch_size, engine):
     from pyro_vae.vae import build_vae
 
     vae = build_vae(ModelConfig(), (1, 28, 28)).to(device)
-    eng = build_engine(engine, vae, vae.model, vae.guide, build_elbo("trace"), 1e-3)
+    # as pyro_vae.train builds it: the data is checked before training, the steps unvalidated
+    eng = build_engine(engine, vae, vae.model, vae.guide, build_elbo("trace"), 1e-3, validate=False)
     scope = pyro.get_param_store().scope()
     scope.__enter__()
 
@@ -96,75 +98,111 @@ def ours_step_fn(device, batch_size, engine):
     return step
 
 
-def time_steps(impl: str, device_name: str, batch_size: int, steps: int, warmup: int) -> dict:
-    """Runs inside a fresh process: time ``steps`` training steps after ``warmup``."""
+def make_step(impl: str, device: torch.device, batch_size: int):
+    if impl == "reference":
+        return reference_step_fn(device, batch_size)
+    if impl == "reference-compiled":
+        return reference_step_fn(device, batch_size, compile_step=True)
+    return ours_step_fn(device, batch_size, impl.split(":", 1)[1])
+
+
+def fake_mnist(device: torch.device, n: int = 60_000) -> torch.Tensor:
+    """Binary images at MNIST's mean intensity, on the device (speed does not depend on content)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.bernoulli(torch.full((n, 784), 0.13, device=device), generator=g)
+
+
+def interleaved_timing(impls, device_name: str, batch_size: int, steps: int, warmup: int, rounds: int) -> dict:
+    """Time each implementation in blocks of ``steps`` steps, the blocks of all
+    implementations interleaved round after round in this one process, so that both
+    sides see the same machine state; returns each block's images per second."""
     device = torch.device(device_name)
     torch.manual_seed(0)
-    g = torch.Generator(device=device).manual_seed(0)
-    n = 60_000
-    data = torch.bernoulli(torch.full((n, 784), 0.13, device=device), generator=g)  # MNIST's mean intensity
-    if impl == "reference":
-        step = reference_step_fn(device, batch_size)
-    elif impl == "reference-compiled":
-        step = reference_step_fn(device, batch_size, compile_step=True)
-    else:
-        step = ours_step_fn(device, batch_size, impl.split(":", 1)[1])
-    perm = torch.randperm(n, device=device, generator=g)
+    data = fake_mnist(device)
+    n = data.shape[0]
+    perm = torch.randperm(n, device=device)
     batches = n // batch_size
+    fns = {impl: make_step(impl, device, batch_size) for impl in impls}
+    offset = {impl: 0 for impl in impls}
 
-    def run(k, offset):
+    def run(impl, k):
         total = torch.zeros((), device=device)
-        for i in range(k):
-            j = (offset + i) % batches
-            total += step(data[perm[j * batch_size : (j + 1) * batch_size]], n)
-        return float(total)  # one sync at the end, as the training loop reads once per refresh
+        for _ in range(k):
+            j = offset[impl] % batches
+            offset[impl] += 1
+            total += fns[impl](data[perm[j * batch_size : (j + 1) * batch_size]], n)
+        return float(total)  # one read at the end, as the training loop reads once per refresh
 
-    run(warmup, 0)
+    for impl in impls:
+        run(impl, warmup)
+    result = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(impl, steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result[impl].append(steps * batch_size / (time.perf_counter() - t0))
+    return result
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_memory(impl: str, device_name: str, batch_size: int, steps: int) -> float:
+    """Runs inside a fresh process: MiB that ``steps`` training steps add at their peak to
+    what the data and the networks already hold (CUDA: torch's peak allocation minus the
+    allocation before the steps; CPU: the resident set, sampled after every step)."""
+    device = torch.device(device_name)
+    data = fake_mnist(device)
+    step = make_step(impl, device, batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    run(steps, warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"ms_per_step": 1000 * seconds / steps, "images_per_s": steps * batch_size / seconds, "peak_mib": peak}
+        base, peak = _rss_mib(), 0.0
+    for j in range(steps):
+        step(data[j * batch_size : (j + 1) * batch_size], data.shape[0])
+        if device.type != "cuda":
+            peak = max(peak, _rss_mib())
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak - base
 
 
-def measure(impl, device, batch_size, steps, warmup) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, device, str(batch_size), str(steps), str(warmup)]
+def measure_memory(impl, device, batch_size, steps=20) -> float:
+    cmd = [sys.executable, __file__, "--child", impl, device, str(batch_size), str(steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmup) -> list[dict]:
     rows = []
     for device in devices:
         for bs in batch_sizes:
-            k = max(10, steps * 128 // bs)  # about the same number of images per measurement
-            samples = {ours: [], reference: []}
-            for _ in range(rounds):
-                for impl in (ours, reference):
-                    samples[impl].append(measure(impl, device, bs, k, warmup))
-            med = {impl: statistics.median(s["images_per_s"] for s in runs) for impl, runs in samples.items()}
+            k = max(5, steps * 128 // bs)  # about the same number of images per block
+            blocks = interleaved_timing([ours, reference], device, bs, k, warmup, rounds)
+            med = {impl: statistics.median(v) for impl, v in blocks.items()}
             row = {
-                "device": device, "batch_size": bs, "steps": k, "rounds": rounds,
+                "device": device, "batch_size": bs, "steps_per_block": k, "rounds": rounds,
                 "ours": ours, "reference": reference,
                 "ours_images_per_s": med[ours], "reference_images_per_s": med[reference],
                 "ours_ms_per_step": 1000 * bs / med[ours], "reference_ms_per_step": 1000 * bs / med[reference],
-                "ours_peak_mib": max(s["peak_mib"] for s in samples[ours]),
-                "reference_peak_mib": max(s["peak_mib"] for s in samples[reference]),
+                "ours_peak_mib": measure_memory(ours, device, bs),
+                "reference_peak_mib": measure_memory(reference, device, bs),
                 "ratio": med[ours] / med[reference],
-                "ratio_per_round": [a["images_per_s"] / b["images_per_s"] for a, b in zip(samples[ours], samples[reference])],
+                "ratio_per_round": [a / b for a, b in zip(blocks[ours], blocks[reference])],
             }
             rows.append(row)
             print(f"{device:5} batch {bs:5}  ours {row['ours_images_per_s']:9.0f} img/s "
                   f"({row['ours_ms_per_step']:.2f} ms)  reference {row['reference_images_per_s']:9.0f} img/s "
-                  f"({row['reference_ms_per_step']:.2f} ms)  ratio {row['ratio']:.3f}", flush=True)
+                  f"({row['reference_ms_per_step']:.2f} ms)  ratio {row['ratio']:.3f}  "
+                  f"peak MiB {row['ours_peak_mib']:.0f} / {row['reference_peak_mib']:.0f}", flush=True)
     return rows
 
 
@@ -197,8 +235,9 @@ def time_importance_sampling(device, data_dir, run_dir, num_samples, limit) -> d
     report = evaluate_model(run.vae, images, num_samples=num_samples)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
-    return {"device": device, "num_samples": num_samples, "num_images": images.shape[0],
-            "seconds": time.perf_counter() - t0, f"log_px_is{num_samples}": report[f"log_px_is{num_samples}"].mean}
+    return {"device": device, "run": str(run_dir), "epoch": run.epoch, "num_samples": num_samples,
+            "num_images": images.shape[0], "seconds": time.perf_counter() - t0,
+            **{k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()}}
 
 
 def hardware() -> dict:
@@ -220,30 +259,32 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", default=None, help="pyro_vae engine to time (default: the CLI's default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
-    p.add_argument("--steps", type=int, default=400, help="timed steps at batch 128 (scaled for larger batches)")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=50, help="steps per timed block at batch 128 (scaled for larger batches)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=15, help="timed blocks per implementation, interleaved")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-is", action="store_true")
     p.add_argument("--quality-epochs", type=int, default=40)
     p.add_argument("--is-samples", type=int, default=5000)
     p.add_argument("--is-limit", type=int, default=None, help="evaluate the first N test images only")
+    p.add_argument("--is-run", type=Path, default=None,
+                   help="time the importance-sampled evaluation of this run (default: the time-to-quality run)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (for the tests)")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
-        impl, device, bs, steps, warmup = args.child
-        print(json.dumps(time_steps(impl, device, int(bs), int(steps), int(warmup))))
+        impl, device, bs, steps = args.child
+        print(peak_memory(impl, device, int(bs), int(steps)))
         return 0
 
     from pyro_vae.config import TrainConfig
 
     engine = args.engine or TrainConfig().engine
     if args.smoke:
-        args.batch_sizes, args.steps, args.warmup, args.rounds = [64], 10, 2, 1
+        args.batch_sizes, args.steps, args.warmup, args.rounds = [64], 5, 2, 2
         args.quality_epochs, args.is_samples, args.is_limit = 1, 10, 20
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -263,9 +304,10 @@ def main(argv=None):
             elif not args.skip_quality:
                 report.setdefault("time_to_quality", []).append(
                     time_to_quality(device, args.data_dir, -100.0, args.quality_epochs, quality_dir / device, engine))
-            if not args.skip_is and (quality_dir / device / "checkpoint.pt").exists():
+            is_run = args.is_run or quality_dir / device
+            if not args.skip_is and (is_run / "checkpoint.pt").exists():
                 report.setdefault("importance_sampling", []).append(
-                    time_importance_sampling(device, args.data_dir, quality_dir / device, args.is_samples, args.is_limit))
+                    time_importance_sampling(device, args.data_dir, is_run, args.is_samples, args.is_limit))
                 print(report["importance_sampling"][-1], flush=True)
     path = args.out / ("benchmark-smoke.json" if args.smoke else "benchmark.json")
     path.write_text(json.dumps(report, indent=2) + "\n")

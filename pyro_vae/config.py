@@ -57,7 +57,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     elbo: str = "trace"  # "trace" (Monte Carlo KL) or "meanfield" (analytic KL)
-    engine: str = "svi"  # "svi" (pyro.infer.SVI, pyro.optim) or "module" (ELBO module + torch Adam)
+    engine: str = "module"  # "module": ELBO as torch module + one torch Adam; "svi": pyro.infer.SVI
     num_particles: int = 1
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU

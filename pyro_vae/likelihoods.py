@@ -9,8 +9,27 @@ here, not a branch elsewhere.
 
 from __future__ import annotations
 
-import torch
 import pyro.distributions as dist
+import torch
+from torch.distributions.utils import broadcast_all
+from torch.nn.functional import binary_cross_entropy_with_logits
+
+
+class BernoulliImage(dist.Independent):
+    """``Bernoulli(logits).to_event(1)``, scored in one fused pass.
+
+    Same distribution as ``dist.Bernoulli(logits=...).to_event(1)`` (sampling, support,
+    expansion are inherited); ``log_prob`` sums the pixels' log-probabilities inside one
+    ``binary_cross_entropy_with_logits`` call and negates the per-image sum, instead of
+    negating every pixel and then summing: a few percent of a training step at batch
+    1024 on the CPU (experiments/benchmark.py).
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.base_dist.logits, value)
+        return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
 class BernoulliLikelihood:
@@ -23,7 +42,7 @@ class BernoulliLikelihood:
     name = "bernoulli"
 
     def __call__(self, logits: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=logits).to_event(1)
+        return BernoulliImage(dist.Bernoulli(logits=logits), 1)
 
     @staticmethod
     def mean(logits: torch.Tensor) -> torch.Tensor:

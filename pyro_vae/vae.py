@@ -27,6 +27,7 @@ whole-data-set objective.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -148,6 +149,8 @@ def kl_scaled(kl_weight: float):
     ``kl_weight * (log p(z) - log q(z|x))``. Pyro's scale must be positive, so a weight
     of 0 masks the site instead (same effect: the term is dropped).
     """
+    if kl_weight == 1:
+        return contextlib.nullcontext()  # the plain ELBO: no handler to run at every step
     if kl_weight == 0:
         return poutine.mask(mask=False)
     return poutine.scale(scale=kl_weight)
