@@ -98,8 +98,12 @@ class VAE(nn.Module):
         with self._data_plate(x, num_data, batch_size):
             loc, scale = self.encoder(x)
             with kl_scaled(kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                pyro.sample("z", self.posterior(loc, scale))
         return loc, scale
+
+    def posterior(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
+        """The guide's family given the encoder's output: N(loc, diag scale^2), one event."""
+        return dist.Normal(loc, scale).to_event(1)
 
     # -- plain-tensor views of the same networks (for figures and evaluation) -------
 

@@ -52,3 +52,12 @@ def test_reference_loss_is_the_same_estimator():
     torch.manual_seed(3)  # the same noise: Pyro's Normal.rsample draws eps the same way
     loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=70)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_profile_step_smoke():
+    res = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
+                          "--steps", "2", "--rounds", "1"], check=True, capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("batch 16")
+    names = [line.split("  ")[0].strip() for line in lines[2:]]
+    assert names[0] == "reference" and "ours, validation on" in names

@@ -1,0 +1,137 @@
+"""Where a training step's time goes: pyro_vae's step in phases, beside the reference,
+and what each speed lever is worth, all in one process and interleaved.
+
+    python experiments/profile_step.py --batch-size 128
+    python experiments/profile_step.py --batch-size 1024 --steps 30
+
+Phases of ours (engine ``module``): forward (Pyro's Trace_ELBO on model and guide),
+backward, the non-finite check, Adam. Levers, each switched off alone:
+``validation`` (Pyro's validation left on during steps), ``per-tensor check`` (one
+isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
+(``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import ReferenceVAE, fake_mnist  # noqa: E402
+
+from pyro_vae.config import ModelConfig  # noqa: E402
+from pyro_vae.objectives import build_elbo  # noqa: E402
+from pyro_vae.steps import _non_finite  # noqa: E402
+from pyro_vae.vae import build_vae  # noqa: E402
+
+
+def per_tensor_check(loss, grads):
+    return ~torch.isfinite(loss) | torch.stack([~torch.isfinite(g).all() for g in grads]).any()
+
+
+class TorchBernoulli:
+    name = "bernoulli"
+    mean = staticmethod(torch.sigmoid)
+    check_data = staticmethod(lambda x, what="": None)
+
+    def __call__(self, logits):
+        return dist.Bernoulli(logits=logits).to_event(1)
+
+
+def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None):
+    vae = build_vae(ModelConfig(), (1, 28, 28))
+    if likelihood is not None:
+        vae.likelihood = likelihood
+    loss_fn = build_elbo("trace")(vae.model, vae.guide)
+    params = list(vae.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+    pyro.get_param_store().scope().__enter__()
+
+    def step(x, clock):
+        opt.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(validate):
+            loss = loss_fn(x, num_data=n)
+        clock("forward")
+        loss.backward()
+        clock("backward")
+        bool(check(loss.detach(), [p.grad for p in params if p.grad is not None]))
+        clock("check")
+        opt.step()
+        clock("adam")
+
+    return step
+
+
+def reference(batch_size, n):
+    model = ReferenceVAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+
+    def step(x, clock):
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(x, n)
+        clock("forward")
+        loss.backward()
+        clock("backward")
+        opt.step()
+        clock("adam")
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="steps per block")
+    p.add_argument("--rounds", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    data = fake_mnist(torch.device("cpu"))
+    n, bs = data.shape[0], args.batch_size
+    variants = {
+        "reference": reference(bs, n),
+        "ours": ours(bs, n),
+        "ours, validation on": ours(bs, n, validate=True),
+        "ours, per-tensor check": ours(bs, n, check=per_tensor_check),
+        "ours, torch Bernoulli": ours(bs, n, likelihood=TorchBernoulli()),
+    }
+    phases = {name: {} for name in variants}
+    totals = {name: [] for name in variants}
+    batches = n // bs
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, step in variants.items():
+            spent = {}
+            last = [time.perf_counter()]
+
+            def clock(phase):
+                now = time.perf_counter()
+                spent[phase] = spent.get(phase, 0.0) + now - last[0]
+                last[0] = now
+
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                j = (r * args.steps + i) % batches
+                last[0] = time.perf_counter()
+                step(data[j * bs : (j + 1) * bs], clock)
+            if r:
+                totals[name].append((time.perf_counter() - t0) / args.steps * 1000)
+                for phase, s in spent.items():
+                    phases[name].setdefault(phase, []).append(s / args.steps * 1000)
+    ref = statistics.median(totals["reference"])
+    print(f"batch {bs}, median ms per step over {args.rounds} interleaved blocks of {args.steps} steps")
+    print(f"{'variant':28} {'total':>7} {'ratio':>6}  phases")
+    for name in variants:
+        tot = statistics.median(totals[name])
+        ph = "  ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases[name].items())
+        print(f"{name:28} {tot:7.2f} {ref / tot:6.3f}  {ph}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
