@@ -96,6 +96,9 @@ def test_console_script_end_to_end(tmp_path, data_dir):
         (["train", "--batch-size", "-3"], "expected a positive integer"),
         (["train", "--elbo", "renyi"], "elbo must be 'trace' or 'meanfield'"),
         (["train", "--lr", "-1"], "lr must be positive"),
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'; choose one of mnist, fashion-mnist, binarized-mnist"),
+        (["train", "--beta", "-2"], "beta must be a non-negative number"),
+        (["train", "--objective", "gan"], "objective must be one of elbo, autoencoder, kl-only"),
     ],
 )
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
@@ -105,6 +108,12 @@ def test_bad_arguments_are_clear_errors(argv, message, capsys):
         code = exit_.code
     assert code != 0
     assert message in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_set(tmp_path, data_dir, capsys):
+    code = main(["train", "--train-limit", "50", "--batch-size", "100", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 1 and "batch_size 100 is larger than the 50 training images" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
