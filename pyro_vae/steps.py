@@ -129,6 +129,7 @@ def _non_finite(loss: torch.Tensor, grads) -> torch.Tensor:
 
 
 def _raise_if_non_finite(loss: torch.Tensor, grads) -> None:
+    loss = loss.detach()
     if bool(_non_finite(loss, grads)):
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"the loss is {float(loss)}")

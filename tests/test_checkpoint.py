@@ -9,6 +9,9 @@ import torch
 from pyro_vae import checkpoint
 from pyro_vae.checkpoint import CheckpointError
 
+# damaged bytes can look like any pickle protocol; torch warns before it refuses them
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+
 
 def test_round_trip_and_no_temporary_files(tmp_path):
     path = tmp_path / "ck.pt"

@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from pyro_vae import checkpoint
 from pyro_vae.checkpoint import CheckpointError
+
+# damaged bytes can look like any pickle protocol; torch warns before it refuses them
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 from pyro_vae.cli import build_parser, config_from_args, main
 
 FLAGS = ["--z-dim", "--hidden-dims", "--activation", "--network", "--dataset", "--binarize", "--train-limit",

@@ -7,6 +7,8 @@ one tiny trained run and must be a PNG of the size its figure function promises.
 
 import math
 
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -138,14 +140,22 @@ def test_interpolation_pairs_join_different_classes():
     assert len({k for pair in pairs for k in pair}) == 6  # no image used twice
 
 
-def test_tsne_without_scikit_learn_says_how_to_get_it():
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="scikit-learn"):
-            plots.tsne(torch.randn(20, 5))
-    else:
-        assert plots.tsne(torch.randn(40, 5)).shape == (40, 2)
+def test_tsne_without_scikit_learn_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # as if scikit-learn were missing
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        plots.tsne(torch.randn(20, 5))
+
+
+def test_tsne_keeps_separated_clusters_apart():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 10, generator=g)
+    b = torch.randn(30, 10, generator=g) + 20.0
+    emb = plots.tsne(torch.cat([a, b]))
+    assert emb.shape == (60, 2)
+    ea, eb = emb[:30], emb[30:]
+    gap = (ea.mean(0) - eb.mean(0)).norm()
+    spread = max(ea.std(0).norm(), eb.std(0).norm())
+    assert gap > 3 * spread
 
 
 # -- KL per dimension and active units on constructed encoders ---------------------------------

@@ -17,6 +17,9 @@ from pyro_vae.train import TrainingDivergedError, read_metrics
 
 train_module = sys.modules["pyro_vae.train"]  # the module (pyro_vae.train is also the function)
 
+# the NaN tests make Pyro warn about the NaN they inject
+pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
+
 EPOCHS = 5
 FLAGS = ["--train-limit", "2000", "--test-limit", "100", "--batch-size", "50", "--z-dim", "20",
          "--hidden-dims", "300", "--eval-batch-size", "500", "--device", "cpu", "--no-progress"]
