@@ -202,7 +202,7 @@ def train(
                     loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
-                        bar.set_postfix(loss=f"{float(loss_sum) / (step + 1 - first) / n:.2f}" if not first else None)
+                        bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
                 except NonFiniteError as err:
                     raise TrainingDivergedError(
                         f"training stopped at epoch {epoch + 1}, step {step + 1}: {err}. Nothing of this epoch "
