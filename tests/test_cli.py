@@ -139,3 +139,18 @@ def test_existing_run_is_not_overwritten(run_dir, capsys):
 def test_evaluate_missing_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 1
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 1
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_cuda_asked_for_without_cuda(tmp_path, data_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["train", *SMALL[:-3], "--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
+    assert code == 1 and "no CUDA device; use --device cpu" in capsys.readouterr().err
