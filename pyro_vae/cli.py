@@ -31,7 +31,8 @@ FLAG_HELP = {
     "test_limit": "evaluate on the first N test images only",
     "download": "try torchvision's download when the files are missing",
     "elbo": "trace (Monte Carlo KL) | meanfield (analytic KL)",
-    "engine": "svi (pyro.infer.SVI + pyro.optim.Adam) | module (ELBO as torch module + one torch Adam)",
+    "engine": "captured (module, replaying a recording of the ELBO's forward pass) | module (ELBO as torch "
+    "module + one torch Adam) | svi (pyro.infer.SVI + pyro.optim.Adam)",
     "objective": "elbo | autoencoder (point-mass encoder, no KL) | kl-only",
     "beta": "weight of the KL term (beta-VAE)",
     "kl_warmup_epochs": "raise the KL weight linearly to beta over this many epochs",

@@ -49,6 +49,7 @@ class DataConfig:
 
 
 OBJECTIVES = ("elbo", "autoencoder", "kl-only")
+ENGINES = ("captured", "module", "svi")  # pyro_vae.steps
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     elbo: str = "trace"  # "trace" (Monte Carlo KL) or "meanfield" (analytic KL)
-    engine: str = "module"  # "module": ELBO as torch module + one torch Adam; "svi": pyro.infer.SVI
+    # "captured": "module" replaying a recorded forward pass (pyro_vae.capture);
+    # "module": ELBO as torch module + one torch Adam; "svi": pyro.infer.SVI
+    engine: str = "captured"
     num_particles: int = 1
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -69,8 +72,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
             _positive(name, getattr(self, name))
-        if self.engine not in ("svi", "module"):
-            raise ValueError(f"engine must be 'svi' or 'module', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):

@@ -8,14 +8,102 @@ log-likelihood with ``KL(q(z|x) || p(z))`` computed in closed form (lower varian
 
 Both have the same expectation; ``num_particles`` > 1 averages that many samples per
 image, drawn in one vectorised batch through an outer particles plate.
+
+Both are Pyro's estimators with one change, in ``differentiable_loss`` (the method the
+training step calls): the loss it returns is assembled from the traces' tensors alone.
+Pyro's own version reads each site's log-density back to the host (``.item()``) to
+report a float beside the surrogate, which is a device synchronisation per site and
+per step on CUDA, and which a recorded graph cannot replay (pyro_vae.capture).
+``loss`` and ``loss_and_grads`` (used by ``pyro.infer.SVI``) are Pyro's, unchanged.
 """
 
 from __future__ import annotations
 
 from pyro import poutine
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+class _OnDeviceLoss:
+    """``differentiable_loss`` without host reads: the mean over particles of the ELBO
+    estimate, negated. Its value is the estimate and its gradient the estimator's.
+
+    A particle returns ``(elbo, surrogate)``: ``surrogate`` is ``None`` when it equals
+    ``elbo`` (every guide site reparameterised), else a tensor with the score-function
+    gradient, whose value is replaced by ``elbo``'s without reading either to the host.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        particles = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo, surrogate = self._elbo_particle(model_trace, guide_trace)
+            if surrogate is not None:
+                elbo = elbo.detach() + (surrogate - surrogate.detach())
+            particles.append(elbo)
+        # vectorised particles arrive as one trace pair whose sums run over all of them
+        total = _total(particles)
+        return -total / self.num_particles if self.num_particles > 1 else -total
+
+
+def _total(terms):
+    """The sum of a non-empty list of tensors, without a leading ``0 +`` op."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _sample_sites(trace):
+    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+
+
+class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
+    r""":class:`pyro.infer.Trace_ELBO` whose differentiable loss stays on the device.
+
+    One particle: :math:`\log p(x, z) - \log q(z|x)` at ``z ~ q(z|x)``, each site's
+    log-density scaled by its plates (``N / B`` for a minibatch).
+    """
+
+    def _elbo_particle(self, model_trace, guide_trace):
+        guide_sites = _sample_sites(guide_trace)
+        elbo = _total([site["log_prob_sum"] for site in _sample_sites(model_trace)])
+        if guide_sites:
+            elbo = elbo - _total([site["log_prob_sum"] for site in guide_sites])
+        if all(is_identically_zero(site["score_parts"].score_function) for site in guide_sites):
+            return elbo, None
+        # a guide site without rsample: Pyro's surrogate carries its score-function gradient
+        _, surrogate_loss = Trace_ELBO._differentiable_loss_particle(self, model_trace, guide_trace)
+        return elbo, -surrogate_loss
+
+
+class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
+    r""":class:`pyro.infer.TraceMeanField_ELBO` whose differentiable loss stays on the device.
+
+    One particle: :math:`\log p(x|z) - \mathrm{KL}(q(z|x) \,\|\, p(z))`, the KL in closed
+    form where torch registers it for the pair (a Monte Carlo term otherwise).
+    """
+
+    def _elbo_particle(self, model_trace, guide_trace):
+        terms = []
+        for site in _sample_sites(model_trace):
+            if site["is_observed"]:
+                terms.append(site["log_prob_sum"])
+                continue
+            guide_site = guide_trace.nodes[site["name"]]
+            try:
+                kl = kl_divergence(guide_site["fn"], site["fn"])
+            except NotImplementedError:
+                terms.append(site["log_prob_sum"] - guide_site["log_prob_sum"])
+            else:
+                terms.append(-scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).sum())
+        for site in _sample_sites(guide_trace):
+            if site["name"] not in model_trace.nodes:  # auxiliary guide variables
+                terms.append(-site["log_prob_sum"])
+        return _total(terms), None
+
+
+ELBOS = {"trace": OnDeviceTrace_ELBO, "meanfield": OnDeviceTraceMeanField_ELBO}
 MAX_PLATE_NESTING = 1  # the VAE has one plate, "data"
 
 

@@ -1,4 +1,4 @@
-"""One SVI step, two ways. Both minimise the same Pyro ELBO of the same model and guide.
+"""One SVI step, three ways. All minimise the same Pyro ELBO of the same model and guide.
 
 ``svi``: :class:`pyro.infer.SVI` with :class:`pyro.optim.Adam`, the textbook loop. Pyro
 keeps one torch optimiser per parameter tensor and returns the loss as a Python float,
@@ -8,6 +8,10 @@ which is a host synchronisation on CUDA at every step.
 Pyro's PyTorch-native interface to the same estimator) with one multi-tensor
 :class:`torch.optim.Adam` (``foreach`` on the CPU, ``fused`` on CUDA). The loss stays a
 device tensor, so the step never waits for the device.
+
+``captured`` (the default): ``module``, with the ELBO's forward pass recorded once per
+batch shape as a graph of tensor operations and replayed (:mod:`pyro_vae.capture`): the
+same operations and random draws, without Pyro's per-step Python.
 
 Both check for non-finite values before the optimiser moves: an engine raises
 :class:`NonFiniteError` rather than take a poisoned step. On CUDA the ``module`` engine
@@ -22,6 +26,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
+
+from .capture import CapturedLoss
 
 
 class NonFiniteError(FloatingPointError):
@@ -136,7 +142,17 @@ def _raise_if_non_finite(loss: torch.Tensor, grads) -> None:
         raise NonFiniteError("a gradient holds NaN or infinite values (the loss was finite)")
 
 
-ENGINES = {"svi": SVIEngine, "module": ModuleEngine}
+class CapturedEngine(ModuleEngine):
+    """:class:`ModuleEngine` replaying a recording of the ELBO's forward pass."""
+
+    name = "captured"
+
+    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
+        super().__init__(vae, model, guide, elbo, lr, validate)
+        self.loss_fn = CapturedLoss(self.loss_fn, vae)
+
+
+ENGINES = {"svi": SVIEngine, "module": ModuleEngine, "captured": CapturedEngine}
 
 
 def build_engine(name: str, vae, model, guide, elbo, lr: float, validate: bool = True):

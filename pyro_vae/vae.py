@@ -151,8 +151,11 @@ def kl_scaled(kl_weight: float):
 
     Applied to ``"z"`` in both model and guide, it turns ``log p(z) - log q(z|x)`` into
     ``kl_weight * (log p(z) - log q(z|x))``. Pyro's scale must be positive, so a weight
-    of 0 masks the site instead (same effect: the term is dropped).
+    of 0 masks the site instead (same effect: the term is dropped). A tensor weight (a
+    recorded training step takes it as an input, pyro_vae.capture) always scales.
     """
+    if isinstance(kl_weight, torch.Tensor):
+        return poutine.scale(scale=kl_weight)
     if kl_weight == 1:
         return contextlib.nullcontext()  # the plain ELBO: no handler to run at every step
     if kl_weight == 0:

@@ -1,0 +1,129 @@
+"""Record a Pyro loss once as a graph of tensor operations, then replay the graph.
+
+Running a Pyro ELBO costs Python at every step: the guide is traced, the model is
+replayed against that trace, every ``pyro.param`` and ``pyro.sample`` message passes the
+effect-handler stack, and every site's log-density is scaled and summed. For a fixed
+model and guide all of that decides the same thing at every step: which tensor
+operations to run. :class:`CapturedLoss` runs the loss once under
+:func:`torch.fx.experimental.proxy_tensor.make_fx` with fake tensors, which records
+exactly those operations (aten ops, the random draws included), and replays the
+recording at later steps. Autograd sees the replayed operations as it would see the
+eager ones, so the backward pass and the optimiser are unchanged.
+
+What a replay does is what the eager loss does: the same operations in the same order
+on the same inputs, drawing from the same global random generator, so a seeded run
+takes bit-identical steps either way (``tests/test_capture.py``). One recording is kept
+per input shape, dtype and device and per value of the keyword arguments; the
+arguments named in ``tensor_kwargs`` (the KL weight, which a warm-up changes at every
+step) travel into the graph as 0-dim tensors instead.
+
+The recording holds for programs whose operations do not depend on the data's values.
+The VAE's are fixed. A program that branches on a tensor's value (``if x.sum() > 0``,
+``.item()``) cannot be recorded: fake tensors have no values, so the recording fails,
+and :class:`CapturedLoss` then warns once and runs the loss eagerly from then on.
+Python-level randomness outside torch (``random.random()``) would be frozen into the
+recording; Pyro programs draw through torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from pyro.infer.util import is_validation_enabled
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.stateless import _reparametrize_module
+
+
+class CaptureError(RuntimeError):
+    """The loss could not be recorded as a fixed sequence of tensor operations."""
+
+
+class CapturedLoss:
+    """``loss_fn(x, **kwargs)``, recorded per input signature and replayed.
+
+    :param loss_fn: a callable ``(x, **kwargs) -> scalar tensor`` that reads the
+        parameters and buffers of ``module`` (e.g. ``Trace_ELBO()(vae.model, vae.guide)``).
+    :param module: the ``torch.nn.Module`` holding every parameter and buffer the loss reads.
+    :param tensor_kwargs: names of float keyword arguments passed into the graph as
+        0-dim tensors, except at the values 0 and 1, which the program may treat as
+        special cases (no handler at KL weight 1, a mask at 0): those get recordings of
+        their own.
+    :param strict: raise :class:`CaptureError` instead of warning and running eagerly.
+    """
+
+    def __init__(self, loss_fn, module: torch.nn.Module, tensor_kwargs=("kl_weight",), strict: bool = False):
+        self.loss_fn = loss_fn
+        self.module = module
+        self.tensor_kwargs = tuple(tensor_kwargs)
+        self.strict = strict
+        self.graphs: dict = {}
+        self.eager_reason: str | None = None  # set when recording failed: run eagerly
+        self._warmed_up = False
+
+    def __call__(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.eager_reason is not None or is_validation_enabled() or not self._warmed_up:
+            # The first call runs eagerly: it registers the networks with Pyro's param
+            # store (pyro.module), which must hold real tensors, not fake ones.
+            # Validation checks values, which a recording cannot do.
+            self._warmed_up = True
+            return self.loss_fn(x, **kwargs)
+        static, dynamic = self._split(kwargs)
+        key = (tuple(x.shape), x.dtype, x.device, static)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._record(key, x, static, dynamic)
+            if graph is None:
+                return self.loss_fn(x, **kwargs)
+        params, buffers = self._tensors()
+        return graph(params, buffers, x, dynamic)
+
+    def _split(self, kwargs):
+        static, dynamic = [], {}
+        for name, value in sorted(kwargs.items()):
+            if name in self.tensor_kwargs and value not in (0, 1):
+                static.append((name, "tensor"))
+                # float64, as the Python float it stands for: the products Pyro forms with
+                # it (KL weight times N / B) then round as they do eagerly
+                dynamic[name] = torch.tensor(float(value), dtype=torch.float64, device=self._device())
+            else:
+                static.append((name, value))
+        return tuple(static), dynamic
+
+    def _device(self):
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def _tensors(self):
+        return list(self.module.parameters()), list(self.module.buffers())
+
+    def _record(self, key, x, static, dynamic):
+        param_names = [name for name, _ in self.module.named_parameters()]
+        buffer_names = [name for name, _ in self.module.named_buffers()]
+        fixed = {name: value for name, value in static if value != "tensor"}
+
+        def loss_of(params, buffers, x, dynamic):
+            tensors = {**dict(zip(param_names, params)), **dict(zip(buffer_names, buffers))}
+            with _reparametrize_module(self.module, tensors):
+                return self.loss_fn(x, **fixed, **dynamic)
+
+        params, buffers = self._tensors()
+        try:
+            graph = make_fx(loss_of, tracing_mode="fake")(params, buffers, x, dynamic)
+        except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if self.strict:
+                raise CaptureError(f"could not record the loss as a graph ({reason})") from err
+            self.eager_reason = reason
+            warnings.warn(
+                f"pyro_vae: the model and guide could not be recorded as a fixed graph ({reason}); "
+                "running them eagerly at every step (engine 'module' does this always)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        self.graphs[key] = graph
+        return graph

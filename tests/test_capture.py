@@ -1,0 +1,133 @@
+"""The recorded loss (pyro_vae.capture) replays exactly what the eager Pyro loss does."""
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae.baselines import Autoencoder
+from pyro_vae.capture import CapturedLoss, CaptureError
+from pyro_vae.config import ModelConfig
+from pyro_vae.objectives import build_elbo, kl_weight, training_program
+from pyro_vae.steps import build_engine
+from pyro_vae.vae import build_vae
+
+from helpers import random_binary
+from test_objectives import HostReads
+
+CASES = {
+    "elbo": dict(),
+    "kl warm-up": dict(warmup=True),  # a new KL weight at every step, a tensor input of one graph
+    "beta 4": dict(weight=4.0),
+    "autoencoder": dict(klass=Autoencoder, weight=0.0),
+    "kl-only": dict(objective="kl-only"),
+    "meanfield": dict(elbo="meanfield"),
+    "3 particles": dict(particles=3),
+    "conv": dict(network="conv"),
+}
+
+
+def train_steps(engine_name, steps=12, warmup=False, weight=1.0, klass=None, objective="elbo", elbo="trace",
+                particles=1, network="mlp", batches=(16, 16, 16, 8)):
+    """``steps`` seeded steps over batches of the given sizes (an epoch's short last batch too)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(24,), network=network), (1, 28, 28), klass)
+    model, guide = training_program(vae, objective)
+    engine = build_engine(engine_name, vae, model, guide, build_elbo(elbo, particles), 1e-2, validate=False)
+    data = random_binary(sum(batches), (1, 28, 28), torch.float32)
+    starts = [sum(batches[:i]) for i in range(len(batches))]
+    pyro.set_rng_seed(1)
+    losses = []
+    with pyro.get_param_store().scope():
+        for i in range(steps):
+            j = i % len(batches)
+            w = kl_weight(1.0, 5, i / 8) if warmup else weight
+            x = data[starts[j] : starts[j] + batches[j]]
+            losses.append(engine.step(x, num_data=56, kl_weight=w))
+        engine.check()
+    return vae, torch.stack(losses), engine
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_captured_steps_are_the_eager_steps_bit_for_bit(case):
+    a, la, captured = train_steps("captured", **CASES[case])
+    b, lb, _ = train_steps("module", **CASES[case])
+    assert captured.loss_fn.eager_reason is None and captured.loss_fn.graphs  # it did replay
+    assert torch.equal(la, lb)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert la[-4:].mean() < la[:4].mean()  # and they learn
+
+
+def test_one_recording_per_batch_shape_and_kind_of_kl_weight():
+    _, _, engine = train_steps("captured", steps=12, warmup=True)
+    kinds = sorted((key[0][0], dict(key[3])["kl_weight"]) for key in engine.loss_fn.graphs)
+    # batches of 16 and of 8; the warm-up's weights all travel as one tensor input
+    assert kinds == [(8, "tensor"), (16, "tensor")]
+    _, _, engine = train_steps("captured", steps=6, weight=1.0)
+    assert len(engine.loss_fn.graphs) == 2 and all(dict(k[3])["kl_weight"] == 1.0 for k in engine.loss_fn.graphs)
+
+
+def test_validation_runs_the_loss_eagerly():
+    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(8,)), (1, 28, 28))
+    loss = CapturedLoss(build_elbo()(vae.model, vae.guide), vae)
+    x = random_binary(4, (1, 28, 28), torch.float32)
+    with pyro.validation_enabled(True):
+        for _ in range(3):
+            loss(x, num_data=10)
+        x_grey = x.clone()
+        x_grey[0, 0, 0, 0] = 0.5
+        with pytest.raises(ValueError, match="not 0 or 1"):
+            loss(x_grey, num_data=10)  # the data check still runs
+    assert not loss.graphs
+
+
+class ValueDependentVAE(torch.nn.Module):
+    """A program whose operations depend on the data's values: it cannot be recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.vae = build_vae(ModelConfig(z_dim=2, hidden_dims=(8,)), (1, 28, 28))
+
+    def model(self, x, **kwargs):
+        return self.vae.model(x if x.sum() > 0 else x + 0, **kwargs)
+
+    def guide(self, x, **kwargs):
+        return self.vae.guide(x, **kwargs)
+
+
+def test_a_value_dependent_program_runs_eagerly_with_a_warning():
+    net = ValueDependentVAE()
+    x = random_binary(4, (1, 28, 28), torch.float32)
+    eager = build_elbo()(net.model, net.guide)
+    loss = CapturedLoss(eager, net)
+    with pyro.validation_enabled(False):
+        loss(x, num_data=10)
+        with pytest.warns(RuntimeWarning, match="running them eagerly"):
+            pyro.set_rng_seed(2)
+            a = loss(x, num_data=10)
+        pyro.set_rng_seed(2)
+        assert torch.equal(a, eager(x, num_data=10))
+        assert loss.eager_reason and not loss.graphs
+        strict = CapturedLoss(eager, net, strict=True)
+        strict(x, num_data=10)
+        with pytest.raises(CaptureError, match="could not record"):
+            strict(x, num_data=10)
+
+
+@pytest.mark.parametrize("engine", ["module", "captured"])
+def test_steps_read_nothing_back_when_checks_are_deferred(engine):
+    """With the non-finite check deferred (as on CUDA), a step never waits for the device."""
+    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(8,)), (1, 28, 28))
+    eng = build_engine(engine, vae, vae.model, vae.guide, build_elbo(), 1e-3, validate=False)
+    # as on CUDA: checks deferred, fused Adam (the foreach Adam reads its CPU step counters)
+    eng.deferred = True
+    eng.optim = torch.optim.Adam(eng.params, lr=1e-3, fused=True)
+    x = random_binary(8, (1, 28, 28), torch.float32)
+    with pyro.get_param_store().scope():
+        eng.step(x, num_data=20)  # the first step registers the networks with Pyro
+        with HostReads() as reads:
+            for _ in range(3):
+                eng.step(x, num_data=20, kl_weight=0.5)
+        assert reads.count == 0
+        eng.check()
