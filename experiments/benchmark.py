@@ -175,13 +175,14 @@ def peak_memory(impl: str, device_name: str, batch_size: int, steps: int) -> flo
     return peak - base
 
 
-def measure_memory(impl, device, batch_size, steps=20) -> float:
+def measure_memory(impl, device, batch_size, steps=20, default_malloc=False) -> float:
     cmd = [sys.executable, __file__, "--child", impl, device, str(batch_size), str(steps)]
+    cmd += ["--default-malloc"] if default_malloc else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmup) -> list[dict]:
+def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmup, default_malloc=False) -> list[dict]:
     rows = []
     for device in devices:
         for bs in batch_sizes:
@@ -193,8 +194,8 @@ def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmu
                 "ours": ours, "reference": reference,
                 "ours_images_per_s": med[ours], "reference_images_per_s": med[reference],
                 "ours_ms_per_step": 1000 * bs / med[ours], "reference_ms_per_step": 1000 * bs / med[reference],
-                "ours_peak_mib": measure_memory(ours, device, bs),
-                "reference_peak_mib": measure_memory(reference, device, bs),
+                "ours_peak_mib": measure_memory(ours, device, bs, default_malloc=default_malloc),
+                "reference_peak_mib": measure_memory(reference, device, bs, default_malloc=default_malloc),
                 "ratio": med[ours] / med[reference],
                 "ratio_per_round": [a / b for a, b in zip(blocks[ours], blocks[reference])],
             }
@@ -272,9 +273,16 @@ def main(argv=None):
                    help="time the importance-sampled evaluation of this run (default: the time-to-quality run)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (for the tests)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (default: pyro_vae.steps.keep_freed_memory, "
+                        "for both sides, as pyro-vae train does on the CPU)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    from pyro_vae.steps import keep_freed_memory
+
+    # process-wide, so the reference gets it too: the comparison stays like for like
+    malloc_tuned = False if args.default_malloc else keep_freed_memory()
     if args.child:
         impl, device, bs, steps = args.child
         print(peak_memory(impl, device, int(bs), int(steps)))
@@ -288,9 +296,9 @@ def main(argv=None):
         args.quality_epochs, args.is_samples, args.is_limit = 1, 10, 20
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"hardware": hardware(), "engine": engine, "command": " ".join(["python", "experiments/benchmark.py", *(argv or sys.argv[1:])])}
+    report = {"hardware": hardware(), "engine": engine, "keep_freed_memory": malloc_tuned, "command": " ".join(["python", "experiments/benchmark.py", *(argv or sys.argv[1:])])}
     report["throughput"] = throughput_table(devices, args.batch_sizes, f"ours:{engine}", "reference",
-                                            args.rounds, args.steps, args.warmup)
+                                            args.rounds, args.steps, args.warmup, args.default_malloc)
     if not args.skip_quality or not args.skip_is:
         quality_dir = args.out / "quality"
         for device in devices:

@@ -123,7 +123,35 @@ class CapturedLoss:
                 stacklevel=3,
             )
             return None
+        _drop_identity_views(graph.graph)
         graph.graph.eliminate_dead_code()
         graph.recompile()
         self.graphs[key] = graph
         return graph
+
+
+_VIEWS = {torch.ops.aten.expand.default, torch.ops.aten.view.default, torch.ops.aten.alias.default,
+          torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default}
+
+
+def _drop_identity_views(graph: torch.fx.Graph) -> None:
+    """Bypass views whose result has the input's shape and strides (``expand`` to the
+    same shape, ``view`` as the same shape, ``alias``): Pyro's broadcasting emits a few
+    at every site, each a Python call and an autograd node at every step. The values
+    are unchanged, so the replay stays bit-identical. Views that an in-place op writes
+    through are kept."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEWS or not node.args:
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node):
+            continue
+        out, inp = node.meta.get("val"), source.meta.get("val")
+        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            continue
+        if out.shape != inp.shape or out.stride() != inp.stride() or out.dtype != inp.dtype:
+            continue
+        if any(getattr(user.target, "_schema", None) is not None and user.target._schema.is_mutable
+               for user in node.users):
+            continue
+        node.replace_all_uses_with(source)

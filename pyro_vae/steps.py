@@ -22,6 +22,10 @@ reports progress, so no step waits for the GPU (and a poisoned state is never sa
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
+
 import pyro
 import torch
 from pyro import poutine
@@ -150,6 +154,31 @@ class CapturedEngine(ModuleEngine):
     def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
         super().__init__(vae, model, guide, elbo, lr, validate)
         self.loss_fn = CapturedLoss(self.loss_fn, vae)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's ``malloc`` to keep memory that torch frees inside the process (CPU).
+
+    A training step allocates and frees the same large buffers (at batch 1024 each
+    decoder-sized tensor is 3 MiB) thousands of times. By default glibc serves blocks of
+    that size with fresh ``mmap`` pages and hands freed memory at the heap's top back to
+    the kernel, so every step pays page faults to get zeroed pages again; on a virtual
+    machine these are slow and erratic (docs/performance.md measures both). A fixed
+    mmap threshold of 32 MiB (glibc's ceiling) and a 1 GiB trim threshold keep those
+    buffers in the heap for reuse. Affects the whole process, like the environment
+    variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` it mirrors.
+
+    Returns whether both settings took (False off Linux/glibc: nothing is changed).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl) or none found
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 ENGINES = {"svi": SVIEngine, "module": ModuleEngine, "captured": CapturedEngine}

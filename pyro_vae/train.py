@@ -35,7 +35,7 @@ from .data import ImageData, TrainingSet, binary_test_set, load_data
 from .evaluate import Estimate, elbo_terms
 from .baselines import Autoencoder
 from .objectives import build_elbo, kl_weight, training_program
-from .steps import NonFiniteError, build_engine
+from .steps import NonFiniteError, build_engine, keep_freed_memory
 from .vae import VAE, build_vae
 
 CONFIG_NAME = "config.json"
@@ -172,6 +172,8 @@ def train(
     # every check is a host synchronisation.
     engine = build_engine(cfg.engine, vae, model, guide, build_elbo(cfg.elbo, cfg.num_particles), cfg.lr,
                           validate=False)
+    if device.type == "cpu":
+        keep_freed_memory()
     position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
     if state is not None:
         engine.load_state_dict(state["optim"])
