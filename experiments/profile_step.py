@@ -2,13 +2,18 @@
 and what each speed lever is worth, all in one process and interleaved.
 
     python experiments/profile_step.py --batch-size 128
-    python experiments/profile_step.py --batch-size 1024 --steps 30
+    python experiments/profile_step.py --batch-size 1024 --steps 6
+    python experiments/profile_step.py --batch-size 1024 --steps 6 --default-malloc
 
-Phases of ours (engine ``module``): forward (Pyro's Trace_ELBO on model and guide),
-backward, the non-finite check, Adam. Levers, each switched off alone:
-``validation`` (Pyro's validation left on during steps), ``per-tensor check`` (one
-isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
-(``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``).
+Phases of ours (engine ``captured``, as ``pyro-vae train`` steps): forward (the recorded
+Trace_ELBO of model and guide), backward, the non-finite check, Adam. Levers, each
+undone alone: ``eager Pyro`` (engine ``module``: Pyro's Python at every step),
+``Pyro's Trace_ELBO`` (its differentiable_loss, which reads every site's value to the
+host), ``validation`` (Pyro's validation left on during steps), ``per-tensor check``
+(one isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
+(``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``), ``foreach Adam``
+(instead of fused). ``--default-malloc`` leaves glibc's malloc settings as they are
+(pyro_vae.steps.keep_freed_memory is process-wide, so it is a run-level switch).
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import ReferenceVAE, fake_mnist  # noqa: E402
 
+from pyro.infer import Trace_ELBO  # noqa: E402
+
+from pyro_vae.capture import CapturedLoss  # noqa: E402
 from pyro_vae.config import ModelConfig  # noqa: E402
 from pyro_vae.objectives import build_elbo  # noqa: E402
-from pyro_vae.steps import _non_finite  # noqa: E402
+from pyro_vae.steps import _non_finite, keep_freed_memory  # noqa: E402
 from pyro_vae.vae import build_vae  # noqa: E402
 
 
@@ -45,13 +53,15 @@ class TorchBernoulli:
         return dist.Bernoulli(logits=logits).to_event(1)
 
 
-def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None):
+def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capture=True, elbo=None, adam="fused"):
     vae = build_vae(ModelConfig(), (1, 28, 28))
     if likelihood is not None:
         vae.likelihood = likelihood
-    loss_fn = build_elbo("trace")(vae.model, vae.guide)
+    loss_fn = (elbo or build_elbo("trace"))(vae.model, vae.guide)
+    if capture:
+        loss_fn = CapturedLoss(loss_fn, vae)
     params = list(vae.parameters())
-    opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+    opt = torch.optim.Adam(params, lr=1e-3, **{adam: True})
     pyro.get_param_store().scope().__enter__()
 
     def step(x, clock):
@@ -71,7 +81,7 @@ def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None):
 
 def reference(batch_size, n):
     model = ReferenceVAE()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def step(x, clock):
         opt.zero_grad(set_to_none=True)
@@ -90,16 +100,22 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=50, help="steps per block")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        keep_freed_memory()
     torch.manual_seed(0)
     data = fake_mnist(torch.device("cpu"))
     n, bs = data.shape[0], args.batch_size
     variants = {
         "reference": reference(bs, n),
         "ours": ours(bs, n),
+        "ours, eager Pyro": ours(bs, n, capture=False),
+        "ours, eager, Pyro's Trace_ELBO": ours(bs, n, capture=False, elbo=Trace_ELBO(max_plate_nesting=1)),
         "ours, validation on": ours(bs, n, validate=True),
         "ours, per-tensor check": ours(bs, n, check=per_tensor_check),
         "ours, torch Bernoulli": ours(bs, n, likelihood=TorchBernoulli()),
+        "ours, foreach Adam": ours(bs, n, adam="foreach"),
     }
     phases = {name: {} for name in variants}
     totals = {name: [] for name in variants}

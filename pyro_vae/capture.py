@@ -84,16 +84,13 @@ class CapturedLoss:
             if name in self.tensor_kwargs and value not in (0, 1):
                 static.append((name, "tensor"))
                 # float64, as the Python float it stands for: the products Pyro forms with
-                # it (KL weight times N / B) then round as they do eagerly
-                dynamic[name] = torch.tensor(float(value), dtype=torch.float64, device=self._device())
+                # it (KL weight times N / B) then round as they do eagerly. On the CPU even
+                # for CUDA runs: a 0-dim CPU tensor enters CUDA kernels as a scalar, with
+                # no copy to the device to wait for.
+                dynamic[name] = torch.tensor(float(value), dtype=torch.float64)
             else:
                 static.append((name, value))
         return tuple(static), dynamic
-
-    def _device(self):
-        for tensor in self.module.parameters():
-            return tensor.device
-        return torch.device("cpu")
 
     def _tensors(self):
         return list(self.module.parameters()), list(self.module.buffers())
