@@ -12,7 +12,10 @@ undone alone: ``eager Pyro`` (engine ``module``: Pyro's Python at every step),
 host), ``validation`` (Pyro's validation left on during steps), ``per-tensor check``
 (one isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
 (``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``), ``foreach Adam``
-(instead of fused). ``--default-malloc`` leaves glibc's malloc settings as they are
+(instead of fused), ``no check`` (the non-finite check skipped: its cost). ``--jit`` times
+ours with Pyro's TorchScript-traced ``JitTrace_ELBO`` instead. ``--explain-compile`` prints
+what ``torch._dynamo`` makes of the ELBO module (graphs and graph breaks) and exits.
+``--default-malloc`` leaves glibc's malloc settings as they are
 (pyro_vae.steps.keep_freed_memory is process-wide, so it is a run-level switch).
 """
 
@@ -31,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import ReferenceVAE, fake_mnist  # noqa: E402
 
-from pyro.infer import Trace_ELBO  # noqa: E402
+from pyro.infer import JitTrace_ELBO, Trace_ELBO  # noqa: E402
 
 from pyro_vae.capture import CapturedLoss  # noqa: E402
 from pyro_vae.config import ModelConfig  # noqa: E402
@@ -51,6 +54,10 @@ class TorchBernoulli:
 
     def __call__(self, logits):
         return dist.Bernoulli(logits=logits).to_event(1)
+
+
+def no_check(loss, grads):
+    return torch.zeros((), dtype=torch.bool)
 
 
 def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capture=True, elbo=None, adam="fused"):
@@ -101,7 +108,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="steps per block")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
+    p.add_argument("--jit", action="store_true", help="time ours with JitTrace_ELBO against the reference only")
+    p.add_argument("--explain-compile", action="store_true", help="torch._dynamo.explain of the ELBO module, then exit")
     args = p.parse_args(argv)
+    if args.explain_compile:
+        return explain_compile(args.batch_size)
     if not args.default_malloc:
         keep_freed_memory()
     torch.manual_seed(0)
@@ -116,7 +127,14 @@ def main(argv=None):
         "ours, per-tensor check": ours(bs, n, check=per_tensor_check),
         "ours, torch Bernoulli": ours(bs, n, likelihood=TorchBernoulli()),
         "ours, foreach Adam": ours(bs, n, adam="foreach"),
+        "ours, no check": ours(bs, n, check=no_check),
     }
+    if args.jit:
+        # alone beside the reference: the variants share Pyro's param store, whose tensors
+        # JitTrace_ELBO feeds into its traced function, so a second VAE's would collide
+        variants = {"reference": variants["reference"],
+                    "ours, JitTrace_ELBO": ours(bs, n, capture=False,
+                                                elbo=JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))}
     phases = {name: {} for name in variants}
     totals = {name: [] for name in variants}
     batches = n // bs
@@ -141,11 +159,31 @@ def main(argv=None):
                     phases[name].setdefault(phase, []).append(s / args.steps * 1000)
     ref = statistics.median(totals["reference"])
     print(f"batch {bs}, median ms per step over {args.rounds} interleaved blocks of {args.steps} steps")
-    print(f"{'variant':28} {'total':>7} {'ratio':>6}  phases")
+    print(f"{'variant':32} {'total':>7} {'ratio':>6}  phases")
     for name in variants:
         tot = statistics.median(totals[name])
         ph = "  ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases[name].items())
-        print(f"{name:28} {tot:7.2f} {ref / tot:6.3f}  {ph}")
+        print(f"{name:32} {tot:7.2f} {ref / tot:6.3f}  {ph}")
+    return 0
+
+
+def explain_compile(batch_size: int) -> int:
+    """What torch.compile's graph capture makes of Pyro's ELBO on the VAE."""
+    import torch._dynamo
+
+    vae = build_vae(ModelConfig(), (1, 28, 28))
+    loss_fn = build_elbo("trace")(vae.model, vae.guide)
+    x = fake_mnist(torch.device("cpu"), batch_size)
+    with pyro.validation_enabled(False):
+        loss_fn(x, num_data=60_000)  # register the networks with Pyro first
+        report = torch._dynamo.explain(loss_fn)(x, num_data=60_000)
+    print(f"graphs {report.graph_count}, graph breaks {report.graph_break_count}")
+    reasons = {}
+    for brk in report.break_reasons:
+        first = brk.reason.splitlines()[0]
+        reasons[first] = reasons.get(first, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"{count:3d} x {reason}")
     return 0
 
 

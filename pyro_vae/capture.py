@@ -20,9 +20,10 @@ step) travel into the graph as 0-dim tensors instead.
 The recording holds for programs whose operations do not depend on the data's values.
 The VAE's are fixed. A program that branches on a tensor's value (``if x.sum() > 0``,
 ``.item()``) cannot be recorded: fake tensors have no values, so the recording fails,
-and :class:`CapturedLoss` then warns once and runs the loss eagerly from then on.
-Python-level randomness outside torch (``random.random()``) would be frozen into the
-recording; Pyro programs draw through torch.
+and :class:`CapturedLoss` then warns once and runs the loss eagerly from then on. It
+does the same when a network has forward or backward hooks, which a replay would not
+call. Other Python side effects (a counter, a print, randomness from ``random`` rather
+than torch) happen once, while recording; Pyro programs draw through torch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import warnings
 from pyro.infer.util import is_validation_enabled
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.stateless import _reparametrize_module
 
 
 class CaptureError(RuntimeError):
@@ -92,39 +92,77 @@ class CapturedLoss:
                 static.append((name, value))
         return tuple(static), dynamic
 
+    def _run_eagerly(self, reason: str, err: Exception | None = None):
+        if self.strict:
+            raise CaptureError(f"could not record the loss as a graph ({reason})") from err
+        self.eager_reason = reason
+        warnings.warn(
+            f"pyro_vae: the model and guide could not be recorded as a fixed graph ({reason}); "
+            "running them eagerly at every step (engine 'module' does this always)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+
     def _tensors(self):
         return list(self.module.parameters()), list(self.module.buffers())
 
     def _record(self, key, x, static, dynamic):
-        param_names = [name for name, _ in self.module.named_parameters()]
-        buffer_names = [name for name, _ in self.module.named_buffers()]
+        names = [f"module.{name}" for name, _ in self.module.named_parameters()]
+        names += [f"module.{name}" for name, _ in self.module.named_buffers()]
         fixed = {name: value for name, value in static if value != "tensor"}
+        program = _Program(self.module, self.loss_fn)
 
         def loss_of(params, buffers, x, dynamic):
-            tensors = {**dict(zip(param_names, params)), **dict(zip(buffer_names, buffers))}
-            with _reparametrize_module(self.module, tensors):
-                return self.loss_fn(x, **fixed, **dynamic)
+            # the recording sees the module's parameters and buffers as inputs, not constants
+            tensors = dict(zip(names, [*params, *buffers]))
+            return torch.func.functional_call(program, tensors, (x,), {**fixed, **dynamic})
 
+        hooked = _hooked_modules(self.module)
+        if hooked:
+            return self._run_eagerly(f"module(s) {', '.join(hooked)} have hooks, which a recording would not call")
         params, buffers = self._tensors()
         try:
             graph = make_fx(loss_of, tracing_mode="fake")(params, buffers, x, dynamic)
         except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            if self.strict:
-                raise CaptureError(f"could not record the loss as a graph ({reason})") from err
-            self.eager_reason = reason
-            warnings.warn(
-                f"pyro_vae: the model and guide could not be recorded as a fixed graph ({reason}); "
-                "running them eagerly at every step (engine 'module' does this always)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
+            return self._run_eagerly(reason, err)
         _drop_identity_views(graph.graph)
         graph.graph.eliminate_dead_code()
         graph.recompile()
         self.graphs[key] = graph
         return graph
+
+
+def _hooked_modules(module: torch.nn.Module) -> list[str]:
+    """Names of submodules with forward or backward hooks (``"*"``: a global hook).
+
+    Hooks are Python run around a module's forward; a replay calls no module, so it
+    would silently skip them."""
+    from torch.nn.modules import module as torch_module
+
+    names = []
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or \
+            torch_module._global_backward_hooks:
+        names.append("*")
+    for name, sub in module.named_modules():
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or \
+                getattr(sub, "_backward_pre_hooks", None):
+            names.append(name or type(sub).__name__)
+    return names
+
+
+class _Program(torch.nn.Module):
+    """``loss_fn`` as the forward of a module that holds ``module``, so that
+    :func:`torch.func.functional_call` can substitute its tensors."""
+
+    def __init__(self, module: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "loss_fn", loss_fn)  # not a submodule: it holds no tensors of its own
+
+    def forward(self, x, **kwargs):
+        return self.loss_fn(x, **kwargs)
 
 
 _VIEWS = {torch.ops.aten.expand.default, torch.ops.aten.view.default, torch.ops.aten.alias.default,

@@ -129,3 +129,36 @@ def test_steps_read_nothing_back_when_checks_are_deferred(engine):
                 eng.step(x, num_data=20, kl_weight=0.5)
         assert reads.count == 0
         eng.check()
+
+
+def test_a_network_with_hooks_runs_eagerly_so_the_hooks_run():
+    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(8,)), (1, 28, 28))
+    calls = []
+    vae.decoder.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    loss = CapturedLoss(build_elbo()(vae.model, vae.guide), vae)
+    x = random_binary(4, (1, 28, 28), torch.float32)
+    with pyro.validation_enabled(False):
+        loss(x, num_data=10)
+        with pytest.warns(RuntimeWarning, match="decoder have hooks"):
+            loss(x, num_data=10)
+        loss(x, num_data=10)
+    assert len(calls) == 3 and not loss.graphs
+
+
+def test_a_replayed_step_with_nan_parameters_stops_before_the_update():
+    from pyro_vae.steps import NonFiniteError
+
+    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(8,)), (1, 28, 28))
+    engine = build_engine("captured", vae, vae.model, vae.guide, build_elbo(), 1e-2, validate=False)
+    x = random_binary(8, (1, 28, 28), torch.float32)
+    with pyro.get_param_store().scope():
+        engine.step(x, num_data=20)
+        engine.step(x, num_data=20)
+        assert engine.loss_fn.graphs  # the second step replayed
+        with torch.no_grad():
+            vae.decoder.net[0].weight[0, 0] = float("nan")
+        before = [p.detach().clone() for p in vae.parameters()]
+        with pytest.raises(NonFiniteError, match="the loss is nan"):
+            engine.step(x, num_data=20)
+    for p, q in zip(before, vae.parameters()):
+        assert torch.equal(p.nan_to_num(), q.nan_to_num())  # not moved (the NaN compared as 0)

@@ -138,7 +138,8 @@ class PoisonAfter:
         return output
 
 
-@pytest.mark.parametrize("engine", ["svi", "module"])
+@pytest.mark.filterwarnings("ignore:pyro_vae. the model and guide could not be recorded")  # the hook, for captured
+@pytest.mark.parametrize("engine", ["svi", "module", "captured"])
 @pytest.mark.parametrize("where", ["output", "gradient"])
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, engine, where):
     cfg = replace(config(data_dir, epochs=3, engine=engine), data=DataConfig(data_dir=str(data_dir), train_limit=200, test_limit=50))

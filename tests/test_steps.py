@@ -83,3 +83,20 @@ def test_cuda_end_to_end_run(tmp_path, data_dir):
     assert next(run.vae.parameters()).is_cuda
     loaded = load_run(tmp_path / "run", device="cuda")
     assert loaded.epoch == 2 and next(loaded.vae.parameters()).is_cuda
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    import platform
+    import sys
+
+    from pyro_vae.steps import keep_freed_memory
+
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() == on_glibc
+
+
+def test_the_module_engines_use_fused_adam():
+    vae = build_vae(ModelConfig(z_dim=2, hidden_dims=(8,)), (1, 28, 28))
+    for name in ("module", "captured"):
+        engine = build_engine(name, vae, vae.model, vae.guide, build_elbo(), 1e-3)
+        assert engine.optim.defaults["fused"] is True
