@@ -13,7 +13,9 @@ host), ``validation`` (Pyro's validation left on during steps), ``per-tensor che
 (one isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
 (``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``), ``foreach Adam``
 (instead of fused), ``no check`` (the non-finite check skipped: its cost). ``--jit`` times
-ours with Pyro's TorchScript-traced ``JitTrace_ELBO`` instead. ``--explain-compile`` prints
+ours with Pyro's TorchScript-traced ``JitTrace_ELBO`` instead. ``--compile`` times ours
+with the recorded graph compiled by inductor beside the reference, eager and compiled
+(an experiment: no engine compiles). ``--explain-compile`` prints
 what ``torch._dynamo`` makes of the ELBO module (graphs and graph breaks) and exits.
 ``--default-malloc`` leaves glibc's malloc settings as they are
 (pyro_vae.steps.keep_freed_memory is process-wide, so it is a run-level switch).
@@ -56,17 +58,32 @@ class TorchBernoulli:
         return dist.Bernoulli(logits=logits).to_event(1)
 
 
+class CompiledCapturedLoss(CapturedLoss):
+    """The recorded graph compiled by inductor (an experiment, not an engine)."""
+
+    def _record(self, key, x, static, dynamic):
+        graph = super()._record(key, x, static, dynamic)
+        if graph is not None:
+            t0 = time.perf_counter()
+            graph = torch.compile(graph, dynamic=False)
+            graph(*self._tensors(), x, dynamic)  # compile now (forward; backward on first use)
+            self.compile_seconds = time.perf_counter() - t0
+            self.graphs[key] = graph
+        return graph
+
+
 def no_check(loss, grads):
     return torch.zeros((), dtype=torch.bool)
 
 
-def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capture=True, elbo=None, adam="fused"):
+def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capture=True, elbo=None, adam="fused",
+         compile_graph=False):
     vae = build_vae(ModelConfig(), (1, 28, 28))
     if likelihood is not None:
         vae.likelihood = likelihood
     loss_fn = (elbo or build_elbo("trace"))(vae.model, vae.guide)
     if capture:
-        loss_fn = CapturedLoss(loss_fn, vae)
+        loss_fn = (CompiledCapturedLoss if compile_graph else CapturedLoss)(loss_fn, vae)
     params = list(vae.parameters())
     opt = torch.optim.Adam(params, lr=1e-3, **{adam: True})
     pyro.get_param_store().scope().__enter__()
@@ -83,16 +100,18 @@ def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capt
         opt.step()
         clock("adam")
 
+    step.loss_fn = loss_fn
     return step
 
 
-def reference(batch_size, n):
+def reference(batch_size, n, compile_loss=False):
     model = ReferenceVAE()
+    loss_of = torch.compile(model.loss) if compile_loss else model.loss
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def step(x, clock):
         opt.zero_grad(set_to_none=True)
-        loss = model.loss(x, n)
+        loss = loss_of(x, n)
         clock("forward")
         loss.backward()
         clock("backward")
@@ -108,6 +127,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="steps per block")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
+    p.add_argument("--compile", action="store_true",
+                   help="ours with the recorded graph compiled by inductor, beside the reference eager and compiled")
     p.add_argument("--jit", action="store_true", help="time ours with JitTrace_ELBO against the reference only")
     p.add_argument("--explain-compile", action="store_true", help="torch._dynamo.explain of the ELBO module, then exit")
     args = p.parse_args(argv)
@@ -129,6 +150,13 @@ def main(argv=None):
         "ours, foreach Adam": ours(bs, n, adam="foreach"),
         "ours, no check": ours(bs, n, check=no_check),
     }
+    if args.compile:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fallback_random = True  # the eager random stream, as the recording draws
+        variants = {"reference": variants["reference"], "reference, compiled": reference(bs, n, compile_loss=True),
+                    "ours": variants["ours"], "ours, recorded graph compiled": ours(bs, n, compile_graph=True),
+                    "ours, recorded graph compiled, no check": ours(bs, n, compile_graph=True, check=no_check)}
     if args.jit:
         # alone beside the reference: the variants share Pyro's param store, whose tensors
         # JitTrace_ELBO feeds into its traced function, so a second VAE's would collide
@@ -164,6 +192,10 @@ def main(argv=None):
         tot = statistics.median(totals[name])
         ph = "  ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases[name].items())
         print(f"{name:32} {tot:7.2f} {ref / tot:6.3f}  {ph}")
+    for name, step in variants.items():
+        seconds = getattr(getattr(step, "loss_fn", None), "compile_seconds", None)
+        if seconds is not None:
+            print(f"{name}: compiling the recorded forward pass took {seconds:.1f} s")
     return 0
 
 
