@@ -61,3 +61,10 @@ def test_profile_step_smoke():
     assert lines[0].startswith("batch 16")
     names = [line.split("  ")[0].strip() for line in lines[2:]]
     assert names[0] == "reference" and "ours, validation on" in names
+
+
+def test_profile_step_jit_smoke():
+    res = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
+                          "--steps", "2", "--rounds", "1", "--jit"], check=True, capture_output=True, text=True)
+    names = [line.split("  ")[0].strip() for line in res.stdout.splitlines()[2:]]
+    assert names == ["reference", "ours, JitTrace_ELBO"]
