@@ -208,11 +208,12 @@ def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmu
     return rows
 
 
-def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine) -> dict:
+def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine, batch_size=128, lr=1e-3) -> dict:
     from pyro_vae import DataConfig, RunConfig, TrainConfig, train
     from pyro_vae.train import read_metrics
 
-    cfg = RunConfig(data=DataConfig(data_dir=data_dir), train=TrainConfig(epochs=max_epochs, device=device, engine=engine))
+    cfg = RunConfig(data=DataConfig(data_dir=data_dir),
+                    train=TrainConfig(epochs=max_epochs, device=device, engine=engine, batch_size=batch_size, lr=lr))
     t0 = time.perf_counter()
     # the loop has no early stop; the metrics say when the target was first met
     train(cfg, out_dir, overwrite=True, progress=False, log=lambda s: print(s, flush=True))
@@ -220,7 +221,8 @@ def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine) -> di
     metrics = read_metrics(out_dir)
     reached = next((m for m in metrics if m["test_elbo"] >= target), None)
     train_seconds = None if reached is None else sum(m["seconds"] for m in metrics[: reached["epoch"]])
-    return {"device": device, "target": target, "epochs": None if reached is None else reached["epoch"],
+    return {"device": device, "batch_size": batch_size, "lr": lr, "target": target,
+            "epochs": None if reached is None else reached["epoch"],
             "train_seconds": train_seconds, "wall_seconds_all_epochs": wall, "max_epochs": max_epochs,
             "best_test_elbo": max(m["test_elbo"] for m in metrics)}
 
@@ -268,6 +270,9 @@ def main(argv=None):
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-is", action="store_true")
     p.add_argument("--quality-epochs", type=int, default=40)
+    p.add_argument("--quality-batch-size", type=int, default=128, help="batch size of the time-to-quality run")
+    p.add_argument("--quality-lr", type=float, default=1e-3, help="learning rate of the time-to-quality run")
+    p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--is-samples", type=int, default=5000)
     p.add_argument("--is-limit", type=int, default=None, help="evaluate the first N test images only")
     p.add_argument("--is-run", type=Path, default=None,
@@ -298,8 +303,9 @@ def main(argv=None):
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"hardware": hardware(), "engine": engine, "keep_freed_memory": malloc_tuned, "command": " ".join(["python", "experiments/benchmark.py", *(argv or sys.argv[1:])])}
-    report["throughput"] = throughput_table(devices, args.batch_sizes, f"ours:{engine}", "reference",
-                                            args.rounds, args.steps, args.warmup, args.default_malloc)
+    if not args.skip_throughput:
+        report["throughput"] = throughput_table(devices, args.batch_sizes, f"ours:{engine}", "reference",
+                                                args.rounds, args.steps, args.warmup, args.default_malloc)
     if not args.skip_quality or not args.skip_is:
         quality_dir = args.out / "quality"
         for device in devices:
@@ -312,7 +318,8 @@ def main(argv=None):
                 report.setdefault("time_to_quality", []).append({"device": device, "smoke": True})
             elif not args.skip_quality:
                 report.setdefault("time_to_quality", []).append(
-                    time_to_quality(device, args.data_dir, -100.0, args.quality_epochs, quality_dir / device, engine))
+                    time_to_quality(device, args.data_dir, -100.0, args.quality_epochs, quality_dir / device, engine,
+                                    args.quality_batch_size, args.quality_lr))
             is_run = args.is_run or quality_dir / device
             if not args.skip_is and (is_run / "checkpoint.pt").exists():
                 report.setdefault("importance_sampling", []).append(
