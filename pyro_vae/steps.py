@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
-import weakref
 
 import pyro
 import torch
@@ -85,25 +84,21 @@ class ModuleEngine:
         self.deferred = cuda  # on CUDA, checks are read later instead of synchronising now
         self.steps = 0
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.params[0].device)
-        self.gradient_sums = GradientSums(self.params)
 
     def step(self, x, **kwargs) -> torch.Tensor:
         self.optim.zero_grad(set_to_none=True)
         with _non_finite_parameters(), pyro.validation_enabled(self.validate):
             loss = self.loss_fn(x, **kwargs)
-        with self.gradient_sums:
-            loss.backward()
-        loss = loss.detach()
-        total = self.gradient_sums.total(loss)  # NaN or infinite iff the loss or a gradient is
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
         if self.deferred:
-            self.first_bad = torch.where(self.first_bad.lt(0) & ~torch.isfinite(total), self.steps, self.first_bad)
-        elif not bool(torch.isfinite(total)):
-            if not bool(torch.isfinite(loss)):
-                raise NonFiniteError(f"the loss is {float(loss)}")
-            raise NonFiniteError("a gradient holds NaN or infinite values (the loss was finite)")
+            bad = _non_finite(loss, grads)
+            self.first_bad = torch.where(self.first_bad.lt(0) & bad, self.steps, self.first_bad)
+        else:
+            _raise_if_non_finite(loss, grads)
         self.optim.step()
-        return loss
+        return loss.detach()
 
     def check(self) -> None:
         """Raise if a deferred check failed; reading it synchronises with the device."""
@@ -126,45 +121,6 @@ def multi_tensor_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except RuntimeError:  # torch < 2.4 fuses on CUDA only
         return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
-class GradientSums:
-    """Each gradient's sum, taken by a hook as autograd writes the gradient.
-
-    The sum is NaN or infinite when an element is (or when the gradient's elements add
-    up beyond ~3e38, rightly flagged too). Taken while the gradient is fresh in the
-    cache, it costs less than reading every gradient again after the backward pass
-    (docs/performance.md). The hooks collect only inside ``with gradient_sums:``, so
-    other backward passes through the same parameters are left alone.
-    """
-
-    def __init__(self, params):
-        self.sums: list[torch.Tensor] = []
-        self.active = False
-        owner = weakref.ref(self)  # the parameters must not keep this object alive
-
-        def hook(param, owner=owner):
-            me = owner()
-            if me is not None and me.active:
-                me.sums.append(param.grad.sum())
-
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
-
-    def __enter__(self):
-        self.sums.clear()
-        self.active = True
-        return self
-
-    def __exit__(self, *exc):
-        self.active = False
-
-    def total(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` plus every gradient's sum: finite iff all of them are."""
-        return loss + torch.stack(self.sums).sum() if self.sums else loss
-
-    def __del__(self):
-        for handle in getattr(self, "handles", ()):
-            handle.remove()
 
 
 @contextlib.contextmanager
