@@ -22,7 +22,8 @@ The VAE's are fixed. A program that branches on a tensor's value (``if x.sum() >
 ``.item()``) cannot be recorded: fake tensors have no values, so the recording fails,
 and :class:`CapturedLoss` then warns once and runs the loss eagerly from then on. It
 does the same when a network has forward or backward hooks, which a replay would not
-call. Other Python side effects (a counter, a print, randomness from ``random`` rather
+call; hooks are looked for when a recording is made, so a hook added after that is not
+seen (run such a program with engine ``module``). Other Python side effects (a counter, a print, randomness from ``random`` rather
 than torch) happen once, while recording; Pyro programs draw through torch.
 """
 
