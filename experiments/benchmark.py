@@ -64,8 +64,8 @@ class ReferenceVAE(torch.nn.Module):
 
 def reference_step_fn(device, batch_size, compile_step=False):
     model = ReferenceVAE().to(device)
-    # fused Adam: the fastest torch Adam on both devices (on the CPU 0.25 ms a step against
-    # foreach's 0.5-1 ms for this network), as pyro_vae's engine uses
+    # fused Adam: the fastest torch Adam here (on the CPU 0.67 ms a step against foreach's
+    # 1.27 ms for this network at batch 128, docs/performance.md), as pyro_vae's engine uses
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.compile(model.loss) if compile_step else model.loss
 
