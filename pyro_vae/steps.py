@@ -13,10 +13,11 @@ device tensor, so the step never waits for the device.
 batch shape as a graph of tensor operations and replayed (:mod:`pyro_vae.capture`): the
 same operations and random draws, without Pyro's per-step Python.
 
-Both check for non-finite values before the optimiser moves: an engine raises
-:class:`NonFiniteError` rather than take a poisoned step. On CUDA the ``module`` engine
-instead records the first bad step in a device tensor and the loop reads it when it
-reports progress, so no step waits for the GPU (and a poisoned state is never saved).
+All three check for non-finite values before the optimiser moves: an engine raises
+:class:`NonFiniteError` rather than take a poisoned step. On CUDA the ``module`` and
+``captured`` engines instead record the first bad step in a device tensor and the loop
+reads it when it reports progress, so no step waits for the GPU (and a poisoned state
+is never saved).
 """
 
 from __future__ import annotations

@@ -113,3 +113,16 @@ def test_cuda_captured_steps_are_the_eager_steps():
     assert la == pytest.approx(lb, rel=1e-5)
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_engine_in_the_config_names_the_choices():
+    from pyro_vae.config import TrainConfig
+
+    with pytest.raises(ValueError, match="engine must be one of captured, module, svi; got 'jax'"):
+        TrainConfig(engine="jax")
+
+
+def test_the_config_lists_the_engines_that_exist():
+    from pyro_vae import config, steps
+
+    assert sorted(config.ENGINES) == sorted(steps.ENGINES)
