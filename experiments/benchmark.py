@@ -83,18 +83,19 @@ def ours_step_fn(device, batch_size, engine):
     import pyro
 
     from pyro_vae.config import ModelConfig
+    from pyro_vae.models import ProgramCall, build_model
     from pyro_vae.objectives import build_elbo
     from pyro_vae.steps import build_engine
-    from pyro_vae.vae import build_vae
 
-    vae = build_vae(ModelConfig(), (1, 28, 28)).to(device)
+    vae = build_model(ModelConfig(), (1, 28, 28)).to(device)
     # as pyro_vae.train builds it: the data is checked before training, the steps unvalidated
     eng = build_engine(engine, vae, vae.model, vae.guide, build_elbo("trace"), 1e-3, validate=False)
+    call = ProgramCall(vae)
     scope = pyro.get_param_store().scope()
     scope.__enter__()
 
-    def step(x, n):
-        return eng.step(x, num_data=n, kl_weight=1.0)
+    def step(x, n):  # the keyword arguments the training loop builds for each minibatch
+        return eng.step(**call.kwargs({"x": x, "y": None}, num_data=n, kl_weight=1.0))
 
     return step
 
@@ -209,8 +210,9 @@ def throughput_table(devices, batch_sizes, ours, reference, rounds, steps, warmu
 
 
 def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine, batch_size=128, lr=1e-3) -> dict:
-    from pyro_vae import DataConfig, RunConfig, TrainConfig, train
-    from pyro_vae.train import read_metrics
+    from pyro_vae import DataConfig, RunConfig, TrainConfig
+    from pyro_vae.runs import read_metrics
+    from pyro_vae.train import train
 
     cfg = RunConfig(data=DataConfig(data_dir=data_dir),
                     train=TrainConfig(epochs=max_epochs, device=device, engine=engine, batch_size=batch_size, lr=lr))
@@ -228,15 +230,15 @@ def time_to_quality(device, data_dir, target, max_epochs, out_dir, engine, batch
 
 
 def time_importance_sampling(device, data_dir, run_dir, num_samples, limit) -> dict:
-    from pyro_vae.data import binary_test_set, load_data
+    from pyro_vae.data import load_data, test_set
     from pyro_vae.evaluate import evaluate_model
-    from pyro_vae.train import load_run
+    from pyro_vae.runs import load_run
 
     run = load_run(run_dir, device=device)
     cfg = run.config
-    images = binary_test_set(load_data(cfg, "test", run.device)).head(limit).images
+    images = test_set(load_data(cfg.data, "test", run.device), run.program.binary_data).head(limit).images
     t0 = time.perf_counter()
-    report = evaluate_model(run.vae, images, num_samples=num_samples)
+    report = evaluate_model(run.program, images, num_samples=num_samples)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     return {"device": device, "run": str(run_dir), "epoch": run.epoch, "num_samples": num_samples,
@@ -310,7 +312,8 @@ def main(argv=None):
         quality_dir = args.out / "quality"
         for device in devices:
             if args.smoke:
-                from pyro_vae import DataConfig, RunConfig, TrainConfig as TC, train
+                from pyro_vae import DataConfig, RunConfig, TrainConfig as TC
+                from pyro_vae.train import train
 
                 train(RunConfig(data=DataConfig(data_dir=args.data_dir, train_limit=500, test_limit=100),
                                 train=TC(epochs=1, device=device, engine=engine)),

@@ -3,10 +3,11 @@
     python experiments/figures.py             # MNIST; docs/figures/ (about 6 min on 2 CPU cores)
     python experiments/figures.py --smoke     # 500 images, 1 epoch: checks the pipeline end to end
 
-Four runs on MNIST, identical but for the latent size and the objective:
+Four runs on MNIST, identical but for the latent size, the model and the objective:
 
 * ``vae-z2``: the VAE with z_dim = 2, for the pictures that need a 2-D latent space;
-* ``ae-z2`` and ``kl-only-z2``: the autoencoder and KL-only baselines, for the comparison;
+* ``ae-z2`` and ``kl-only-z2``: the autoencoder (``--model ae``) and KL-only
+  (``--objective kl-only``) baselines, for the comparison;
 * ``vae-z50``: the VAE with z_dim = 50 (the usual size), for everything else.
 
 Every step is a ``pyro-vae`` command, printed before it runs, so each figure in the docs
@@ -24,7 +25,7 @@ from pyro_vae.cli import main as pyro_vae
 
 RUNS = {
     "vae-z2": ["--z-dim", "2"],
-    "ae-z2": ["--z-dim", "2", "--objective", "autoencoder"],
+    "ae-z2": ["--z-dim", "2", "--model", "ae"],
     "kl-only-z2": ["--z-dim", "2", "--objective", "kl-only"],
     "vae-z50": ["--z-dim", "50"],
 }

@@ -12,15 +12,16 @@ active units, and draws the KL per dimension of all runs in one figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
 from pathlib import Path
 
 from pyro_vae.cli import main as pyro_vae
-from pyro_vae.data import binary_test_set, load_data
+from pyro_vae.data import load_data, test_set
 from pyro_vae.evaluate import active_units, kl_per_dimension
-from pyro_vae.train import load_run, read_metrics
+from pyro_vae.runs import load_run, read_metrics
 
 SMOKE = ["--train-limit", "500", "--test-limit", "200", "--epochs", "1", "--batch-size", "100"]
 
@@ -45,13 +46,11 @@ def summarize(run_dir: Path, data_dir: str | None) -> dict:
     """Final test-set numbers of one run, in nats per image, and its active units."""
     trained = load_run(run_dir)
     config = trained.config
-    if data_dir is not None:
-        import dataclasses
-
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
-    images = binary_test_set(load_data(config, "test", trained.device)).images
-    count, activity = active_units(trained.vae, images)
-    kl = kl_per_dimension(trained.vae, images)
+    data = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
+    binary = bool(getattr(trained.program, "binary_data", False))  # binarised as in training
+    images = test_set(load_data(data, "test", trained.device), binary).images
+    count, activity = active_units(trained.program, images)
+    kl = kl_per_dimension(trained.program, images)
     last = read_metrics(run_dir)[-1]
     return {
         "run": run_dir.name,

@@ -44,31 +44,32 @@ from pyro_vae.capture import CapturedLoss  # noqa: E402
 from pyro_vae.config import ModelConfig  # noqa: E402
 from pyro_vae.objectives import build_elbo  # noqa: E402
 from pyro_vae.steps import _non_finite, keep_freed_memory  # noqa: E402
-from pyro_vae.vae import build_vae  # noqa: E402
+from pyro_vae.models import build_model as build_vae  # noqa: E402
 
 
 def per_tensor_check(loss, grads):
     return ~torch.isfinite(loss) | torch.stack([~torch.isfinite(g).all() for g in grads]).any()
 
 
-class TorchBernoulli:
+class TorchBernoulli(torch.nn.Module):
     name = "bernoulli"
+    binary = True
     mean = staticmethod(torch.sigmoid)
     check_data = staticmethod(lambda x, what="": None)
 
-    def __call__(self, logits):
+    def forward(self, logits):
         return dist.Bernoulli(logits=logits).to_event(1)
 
 
 class CompiledCapturedLoss(CapturedLoss):
     """The recorded graph compiled by inductor (an experiment, not an engine)."""
 
-    def _record(self, key, x, static, dynamic):
-        graph = super()._record(key, x, static, dynamic)
+    def _record(self, key, batch, static, dynamic):
+        graph = super()._record(key, batch, static, dynamic)
         if graph is not None:
             t0 = time.perf_counter()
             graph = torch.compile(graph, dynamic=False)
-            graph(*self._tensors(), x, dynamic)  # compile now (forward; backward on first use)
+            graph(*self._tensors(), batch, dynamic)  # compile now (forward; backward on first use)
             self.compile_seconds = time.perf_counter() - t0
             self.graphs[key] = graph
         return graph
@@ -92,7 +93,7 @@ def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capt
     def step(x, clock):
         opt.zero_grad(set_to_none=True)
         with pyro.validation_enabled(validate):
-            loss = loss_fn(x, num_data=n)
+            loss = loss_fn(x=x, num_data=n)
         clock("forward")
         loss.backward()
         clock("backward")
@@ -212,8 +213,8 @@ def explain_compile(batch_size: int) -> int:
     loss_fn = build_elbo("trace")(vae.model, vae.guide)
     x = fake_mnist(torch.device("cpu"), batch_size)
     with pyro.validation_enabled(False):
-        loss_fn(x, num_data=60_000)  # register the networks with Pyro first
-        report = torch._dynamo.explain(loss_fn)(x, num_data=60_000)
+        loss_fn(x=x, num_data=60_000)  # register the networks with Pyro first
+        report = torch._dynamo.explain(loss_fn)(x=x, num_data=60_000)
     print(f"graphs {report.graph_count}, graph breaks {report.graph_break_count}")
     reasons = {}
     for brk in report.break_reasons:

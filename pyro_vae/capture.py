@@ -13,9 +13,9 @@ eager ones, so the backward pass and the optimiser are unchanged.
 What a replay does is what the eager loss does: the same operations in the same order
 on the same inputs, drawing from the same global random generator, so a seeded run
 takes bit-identical steps either way (``tests/test_capture.py``). One recording is kept
-per input shape, dtype and device and per value of the keyword arguments; the
-arguments named in ``tensor_kwargs`` (the KL weight, which a warm-up changes at every
-step) travel into the graph as 0-dim tensors instead.
+per shape, dtype and device of the batch's tensors and per value of the other keyword
+arguments; the arguments named in ``tensor_kwargs`` (the KL weight, which a warm-up
+changes at every step) travel into the graph as 0-dim tensors instead.
 
 The recording holds for programs whose operations do not depend on the data's values.
 The VAE's are fixed. A program that branches on a tensor's value (``if x.sum() > 0``,
@@ -41,16 +41,22 @@ class CaptureError(RuntimeError):
 
 
 class CapturedLoss:
-    """``loss_fn(x, **kwargs)``, recorded per input signature and replayed.
+    """``loss_fn(**batch, **options)``, recorded per input signature and replayed.
 
-    :param loss_fn: a callable ``(x, **kwargs) -> scalar tensor`` that reads the
-        parameters and buffers of ``module`` (e.g. ``Trace_ELBO()(vae.model, vae.guide)``).
+    :param loss_fn: a callable ``(**kwargs) -> scalar tensor`` that reads the parameters
+        and buffers of ``module`` (e.g. ``Trace_ELBO()(program.model, program.guide)``).
+        Its tensor arguments (the batch: ``x``, and ``y`` when labels come along) are inputs
+        of the recording; the others are fixed in it.
     :param module: the ``torch.nn.Module`` holding every parameter and buffer the loss reads.
     :param tensor_kwargs: names of float keyword arguments passed into the graph as
         0-dim tensors, except at the values 0 and 1, which the program may treat as
         special cases (no handler at KL weight 1, a mask at 0): those get recordings of
         their own.
     :param strict: raise :class:`CaptureError` instead of warning and running eagerly.
+
+    A recording is keyed by the batch tensors' names, shapes, dtypes and devices and by
+    the other arguments' values: never by a tensor's identity, so every batch of the same
+    shape replays the same recording.
     """
 
     def __init__(self, loss_fn, module: torch.nn.Module, tensor_kwargs=("kl_weight",), strict: bool = False):
@@ -62,27 +68,29 @@ class CapturedLoss:
         self.eager_reason: str | None = None  # set when recording failed: run eagerly
         self._warmed_up = False
 
-    def __call__(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def __call__(self, **kwargs) -> torch.Tensor:
         if self.eager_reason is not None or is_validation_enabled() or not self._warmed_up:
             # The first call runs eagerly: it registers the networks with Pyro's param
             # store (pyro.module), which must hold real tensors, not fake ones.
             # Validation checks values, which a recording cannot do.
             self._warmed_up = True
-            return self.loss_fn(x, **kwargs)
-        static, dynamic = self._split(kwargs)
-        key = (tuple(x.shape), x.dtype, x.device, static)
+            return self.loss_fn(**kwargs)
+        batch, static, dynamic = self._split(kwargs)
+        key = (tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in batch.items()), static)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._record(key, x, static, dynamic)
+            graph = self._record(key, batch, static, dynamic)
             if graph is None:
-                return self.loss_fn(x, **kwargs)
+                return self.loss_fn(**kwargs)
         params, buffers = self._tensors()
-        return graph(params, buffers, x, dynamic)
+        return graph(params, buffers, batch, dynamic)
 
     def _split(self, kwargs):
-        static, dynamic = [], {}
+        batch, static, dynamic = {}, [], {}
         for name, value in sorted(kwargs.items()):
-            if name in self.tensor_kwargs and value not in (0, 1):
+            if isinstance(value, torch.Tensor):
+                batch[name] = value
+            elif name in self.tensor_kwargs and value not in (0, 1):
                 static.append((name, "tensor"))
                 # float64, as the Python float it stands for: the products Pyro forms with
                 # it (KL weight times N / B) then round as they do eagerly. On the CPU even
@@ -91,7 +99,7 @@ class CapturedLoss:
                 dynamic[name] = torch.tensor(float(value), dtype=torch.float64)
             else:
                 static.append((name, value))
-        return tuple(static), dynamic
+        return batch, tuple(static), dynamic
 
     def _run_eagerly(self, reason: str, err: Exception | None = None):
         if self.strict:
@@ -108,23 +116,23 @@ class CapturedLoss:
     def _tensors(self):
         return list(self.module.parameters()), list(self.module.buffers())
 
-    def _record(self, key, x, static, dynamic):
+    def _record(self, key, batch, static, dynamic):
         names = [f"module.{name}" for name, _ in self.module.named_parameters()]
         names += [f"module.{name}" for name, _ in self.module.named_buffers()]
         fixed = {name: value for name, value in static if value != "tensor"}
         program = _Program(self.module, self.loss_fn)
 
-        def loss_of(params, buffers, x, dynamic):
+        def loss_of(params, buffers, batch, dynamic):
             # the recording sees the module's parameters and buffers as inputs, not constants
             tensors = dict(zip(names, [*params, *buffers]))
-            return torch.func.functional_call(program, tensors, (x,), {**fixed, **dynamic})
+            return torch.func.functional_call(program, tensors, (), {**batch, **fixed, **dynamic})
 
         hooked = _hooked_modules(self.module)
         if hooked:
             return self._run_eagerly(f"module(s) {', '.join(hooked)} have hooks, which a recording would not call")
         params, buffers = self._tensors()
         try:
-            graph = make_fx(loss_of, tracing_mode="fake")(params, buffers, x, dynamic)
+            graph = make_fx(loss_of, tracing_mode="fake")(params, buffers, batch, dynamic)
         except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return self._run_eagerly(reason, err)
@@ -162,8 +170,8 @@ class _Program(torch.nn.Module):
         self.module = module
         object.__setattr__(self, "loss_fn", loss_fn)  # not a submodule: it holds no tensors of its own
 
-    def forward(self, x, **kwargs):
-        return self.loss_fn(x, **kwargs)
+    def forward(self, **kwargs):
+        return self.loss_fn(**kwargs)
 
 
 _VIEWS = {torch.ops.aten.expand.default, torch.ops.aten.view.default, torch.ops.aten.alias.default,

@@ -1,7 +1,9 @@
 """The ``pyro-vae`` command: parses arguments, then calls the library.
 
 Training flags are generated from the config dataclasses, so every flag maps 1:1 onto a
-config field (``--z-dim`` <-> ``ModelConfig.z_dim``).
+config field (``--z-dim`` <-> ``ModelConfig.z_dim``); each flag's type, lower bound,
+choices and help come from the field's declaration and its registry
+(:func:`pyro_vae.config.setting`), never from a second copy here.
 """
 
 from __future__ import annotations
@@ -10,36 +12,13 @@ import argparse
 import dataclasses
 import json
 import sys
-import types
-import typing
 from pathlib import Path
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from . import config as configuration
+from .config import SECTIONS, RunConfig, choices_of, registry_of
 from .train import TrainingInterrupted
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-FLAG_HELP = {
-    "z_dim": "latent dimension",
-    "hidden_dims": "hidden layer sizes of encoder (decoder mirrors them)",
-    "activation": "relu | softplus | tanh | elu | gelu",
-    "network": "mlp | conv",
-    "likelihood": "observation model p(x|z)",
-    "dataset": "mnist | fashion-mnist | binarized-mnist",
-    "data_dir": "data folder (default: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data)",
-    "binarize": "dynamic (fresh Bernoulli sample per epoch) | fixed (one sample)",
-    "train_limit": "train on the first N training images only",
-    "test_limit": "evaluate on the first N test images only",
-    "download": "try torchvision's download when the files are missing",
-    "elbo": "trace (Monte Carlo KL) | meanfield (analytic KL)",
-    "engine": "captured (module, replaying a recording of the ELBO's forward pass) | module (ELBO as torch "
-    "module + one torch Adam) | svi (pyro.infer.SVI + pyro.optim.Adam)",
-    "objective": "elbo | autoencoder (point-mass encoder, no KL) | kl-only",
-    "beta": "weight of the KL term (beta-VAE)",
-    "kl_warmup_epochs": "raise the KL weight linearly to beta over this many epochs",
-    "num_particles": "samples of z per image in each ELBO estimate",
-    "device": "auto | cpu | cuda[:N]  (auto: CUDA when available)",
-    "eval_batch_size": "images per batch when evaluating the test set",
-}
+DEFAULT_OUT = Path("runs/latest")
 
 
 def main(argv=None) -> int:
@@ -62,103 +41,140 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a VAE by SVI", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train a model by SVI")
     for section, klass in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings")
         for f in dataclasses.fields(klass):
             _add_field_flag(group, section, f)
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (RUN_DIR)")
+    p.add_argument("--out", type=Path, metavar="RUN_DIR", help=f"run directory (default: {DEFAULT_OUT})")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--program", metavar="MODULE:FUNCTION",
+                   help="with --resume, for a run of a program built in code that recorded no factory: "
+                        "a function that returns the program")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set ELBO, its terms, and importance-sampled log p(x)")
     _run_args(p)
-    p.add_argument("--num-samples", type=int, default=5000, help="K of the importance-sampled bound (0: skip it)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate the first N test images only")
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="test images per batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_int_at_least(0), default=5000, metavar="K",
+                   help="K of the importance-sampled bound; 0 skips it (default: 5000)")
+    p.add_argument("--limit", type=_int_at_least(1), metavar="N", help="evaluate the first N test images only")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=100, metavar="N",
+                   help="test images per batch (default: 100)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the Monte Carlo noise (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="PNG grid of images decoded from prior samples")
     _run_args(p)
-    p.add_argument("--num", type=_positive_int, default=64)
-    p.add_argument("--nrow", type=_positive_int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/samples.png)")
+    p.add_argument("--num", type=_int_at_least(1), default=64, metavar="N", help="images (default: 64)")
+    p.add_argument("--nrow", type=_int_at_least(1), default=8, metavar="N", help="images per row (default: 8)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the prior draws (default: 0)")
+    p.add_argument("--out", type=Path, metavar="PNG", help="PNG path (default RUN_DIR/samples.png)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("reconstruct", help="PNG grid of test images above their reconstructions")
     _run_args(p)
-    p.add_argument("--num", type=_positive_int, default=32)
-    p.add_argument("--nrow", type=_positive_int, default=8)
-    p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/reconstructions.png)")
+    p.add_argument("--num", type=_int_at_least(1), default=32, metavar="N", help="test images (default: 32)")
+    p.add_argument("--nrow", type=_int_at_least(1), default=8, metavar="N", help="images per row (default: 8)")
+    p.add_argument("--out", type=Path, metavar="PNG", help="PNG path (default RUN_DIR/reconstructions.png)")
     p.set_defaults(func=cmd_reconstruct)
+
+    from .plots import COMPARISONS, FIGURES
+
     p = sub.add_parser("plot", help="figures of trained runs: latent space, manifold, samples, curves, ...")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
                    help="the run to draw; for --kind comparison or kl-profile one or more runs")
-    p.add_argument("--kind", default="all", choices=("latent", "manifold", "samples", "reconstructions",
-                                                     "interpolation", "dims", "curves", "all", "comparison",
-                                                     "kl-profile"),
-                   help="which figure; all: every one that applies to the run; comparison and kl-profile "
-                        "draw several runs side by side")
+    p.add_argument("--kind", default="all", choices=("all", *FIGURES, *COMPARISONS), metavar="KIND",
+                   help="which figure: all (every one the run's program can draw) | " + FIGURES.help()
+                        + " | several runs side by side: " + COMPARISONS.help() + " (default: all)")
     p.add_argument("--out", type=Path, metavar="FOLDER", help="folder for the figures (default RUN_DIR/figures)")
     p.add_argument("--pdf", action="store_true", help="write a PDF beside each PNG")
     p.add_argument("--tsne", action="store_true", help="latent: t-SNE instead of PCA when z_dim > 2 (needs scikit-learn)")
     p.add_argument("--spherical", action="store_true", help="interpolation: add spherical (slerp) paths")
-    p.add_argument("--limit", type=_positive_int, help="use the first N test images only (default: all)")
-    p.add_argument("--names", nargs="+", help="comparison, kl-profile: one name per run (default: from its objective)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prior samples and interpolation pairs")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--data-dir", help="data folder, if not the one the runs were trained with")
+    p.add_argument("--limit", type=_int_at_least(1), metavar="N", help="use the first N test images only (default: all)")
+    p.add_argument("--names", nargs="+", help="comparison, kl-profile: one name per run (default: from its model)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="seed of prior samples and interpolation pairs (default: 0)")
+    _device_args(p, "runs")
     p.set_defaults(func=cmd_plot)
     return parser
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--data-dir", help="data folder, if not the one the run was trained with")
+    _device_args(p, "run")
+
+
+def _device_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--data-dir", metavar="FOLDER", help=f"data folder, if not the one the {what} trained with")
+    p.add_argument("--program", metavar="MODULE:FUNCTION",
+                   help="for a run of a program built in code that recorded no factory: a function returning it")
 
 
 def _add_field_flag(group, section: str, f: dataclasses.Field) -> None:
+    """One flag per configuration field: its type, bound, choices and help from the field's
+    declaration (:func:`pyro_vae.config.setting`) and its registry."""
     flag = "--" + f.name.replace("_", "-")
-    dest = f"{section}.{f.name}"
-    help_text = FLAG_HELP.get(f.name)
-    default = f.default
-    kind = _base_type(f.type)
+    meta = f.metadata
+    kind = configuration._field_kind(f)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    help_text = meta["help"]
+    registry = registry_of(f)
+    if registry is not None:
+        help_text += " (" + registry.help() + ")"
+    if isinstance(default, tuple):
+        help_text += f" (default: {' '.join(map(str, default))})"
+    elif default is not None:
+        help_text += f" (default: {default})"
+    elif meta["none_word"]:
+        help_text += f" (default: {meta['none_word']})"
+    common = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+    metavar = meta["metavar"] or f.name.upper()
     if kind is bool:
-        group.add_argument(f"--no-{f.name.replace('_', '-')}", dest=dest, action="store_false",
-                           default=argparse.SUPPRESS, help=f"do not {help_text}" if help_text else None)
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
     elif kind is tuple:
-        group.add_argument(flag, dest=dest, type=_positive_int, nargs="+", default=argparse.SUPPRESS,
-                           help=f"{help_text} (default: {' '.join(map(str, default))})")
+        group.add_argument(flag, type=_int_at_least(meta["minimum"]), nargs="+", metavar=metavar, **common)
+    elif kind is int:
+        group.add_argument(flag, type=_int_at_least(meta["minimum"], meta["none_word"]), metavar=metavar, **common)
+    elif kind is float:
+        group.add_argument(flag, type=_float_at_least(meta["minimum"]), metavar=metavar, **common)
     else:
-        convert = _positive_int if kind is int else kind
-        group.add_argument(flag, dest=dest, type=convert, default=argparse.SUPPRESS,
-                           help=f"{help_text or ''} (default: {default})".strip())
+        group.add_argument(flag, type=str, choices=choices_of(f), metavar=metavar, **common)
 
 
-def _base_type(annotation) -> type:
-    """int for 'int | None', tuple for 'tuple[int, ...]', and so on."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(hint)
-    return origin or hint
+def _int_at_least(minimum, none_word: str | None = None):
+    """An argparse type: an integer >= ``minimum`` (the word ``none_word`` stands for None)."""
+
+    def integer(text: str):
+        if none_word is not None and text == none_word:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            spelled = f" or {none_word!r}" if none_word else ""
+            raise argparse.ArgumentTypeError(f"expected an integer{spelled}, got {text!r}") from None
+        if minimum is not None and value < minimum:
+            bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {value}")
+        return value
+
+    return integer
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _float_at_least(minimum):
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {text}")
+        return value
+
+    return number
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -168,6 +184,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if section in SECTIONS and name:
             given[section][name] = value
     return RunConfig.from_dict(given)
+
+
+def config_to_argv(config: RunConfig) -> list[str]:
+    """The ``pyro-vae train`` flags that give ``config`` (the inverse of :func:`config_from_args`)."""
+    argv = []
+    for section, klass in SECTIONS.items():
+        values = getattr(config, section)
+        for f in dataclasses.fields(klass):
+            value = getattr(values, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            elif isinstance(value, tuple):
+                argv += [flag, *map(str, value)]
+            elif value is None:
+                if f.metadata["none_word"]:
+                    argv += [flag, f.metadata["none_word"]]
+            else:
+                argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def _given_train_flags(args) -> set[str]:
@@ -180,68 +216,94 @@ def _given_train_flags(args) -> set[str]:
 def cmd_train(args) -> int:
     from .train import train
 
-    if args.resume is not None:
-        extra = _given_train_flags(args) - {"train.epochs"}
-        if extra:
-            raise ValueError(
-                f"--resume continues a run with its stored configuration; only --epochs may be given, not "
-                + ", ".join("--" + k.split(".")[1].replace("_", "-") for k in sorted(extra))
-            )
-        config = None
-        if "train.epochs" in vars(args):
-            from .train import load_config
+    if args.resume is None:
+        if args.program is not None:
+            raise ValueError("--program goes with --resume (a new run of a registered model takes --model)")
+        run = train(config_from_args(args), args.out or DEFAULT_OUT, overwrite=args.overwrite,
+                    progress=not args.no_progress)
+        print(f"run directory: {run.run_dir}")
+        return 0
+    if args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise ValueError(f"--resume {args.resume} continues the run in that folder; drop --out {args.out} "
+                         "(to start a new run in --out, leave out --resume)")
+    extra = _given_train_flags(args) - {"train.epochs"}
+    if extra:
+        raise ValueError(
+            "--resume continues a run with its stored configuration; only --epochs may be given, not "
+            + ", ".join("--" + k.split(".")[1].replace("_", "-") for k in sorted(extra))
+        )
+    from .runs import call_factory, load_config
 
-            stored = load_config(args.resume)
-            config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=vars(args)["train.epochs"]))
-        run = train(config, args.resume, resume=True, progress=not args.no_progress)
-    else:
-        run = train(config_from_args(args), args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    config = None
+    if "train.epochs" in vars(args):
+        stored = load_config(args.resume)
+        config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=vars(args)["train.epochs"]))
+    program = call_factory(args.program) if args.program else None
+    run = train(config, args.resume, resume=True, progress=not args.no_progress, program=program)
     print(f"run directory: {run.run_dir}")
     return 0
 
 
-def _load(args):
-    from .train import load_run
+def _load(run_dir: Path, args):
+    from .runs import call_factory, load_run
 
-    run = load_run(args.run_dir, device=args.device)
-    if args.data_dir is not None:
+    program = call_factory(args.program) if args.program else None
+    run = load_run(run_dir, device=args.device, program=program)
+    if args.data_dir is not None and run.config.data is not None:
         run.config = dataclasses.replace(run.config, data=dataclasses.replace(run.config.data, data_dir=args.data_dir))
     return run
 
 
-def _test_images(run, limit=None):
-    from .data import binary_test_set, load_data
+def _test_data(run, limit=None):
+    """The run's test split, binarised as in training when the program scores binary data."""
+    from .data import load_data, test_set
 
-    data = binary_test_set(load_data(run.config, "test", run.device))
-    return data.head(limit).images
+    if run.config.data is None:
+        raise ValueError(f"{run.run_dir} was trained on images passed to fit() in code, not on a registered data "
+                         "set; evaluate it in Python (pyro_vae.evaluate_model(run.program, images))")
+    binary = bool(getattr(run.program, "binary_data", False))
+    return test_set(load_data(run.config.data, "test", run.device), binary).head(limit)
 
 
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .evaluate import evaluate_model
+    from .evaluate import bits_per_dim, evaluate_model
 
-    run = _load(args)
-    images = _test_images(run, args.limit)
+    run = _load(args.run_dir, args)
+    test = _test_data(run, args.limit)
+    images = test.images
     with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=args.json or args.num_samples == 0,
               file=sys.stderr) as bar:
-        report = evaluate_model(run.vae, images, args.num_samples, args.batch_size, args.seed, progress=bar.update)
+        report = evaluate_model(run.program, images, args.num_samples, args.batch_size, args.seed,
+                                progress=bar.update, labels=test.labels)
+    continuous = not getattr(run.program, "binary_data", True)
+    dims = images[0].numel()
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
         out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
+        if continuous:
+            for key, est in report.items():
+                if key.startswith("log_px"):
+                    out["bits_per_dim_" + key[len("log_px_"):]] = {"mean": bits_per_dim(est.mean, dims),
+                                                                   "stderr": -bits_per_dim(est.stderr, dims)}
         print(json.dumps(out))
-    else:
-        print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} test images (nats per image, mean +- s.e.)")
-        for key, est in report.items():
-            print(f"  {key:<16} {est}")
+        return 0
+    kind = "densities: nats per image of grey values in [0, 1]" if continuous else "nats per image"
+    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} test images ({kind}, mean +- s.e.)")
+    for key, est in report.items():
+        line = f"  {key:<16} {est}"
+        if continuous and key.startswith("log_px"):
+            line += f"   = {bits_per_dim(est.mean, dims):.4f} +- {-bits_per_dim(est.stderr, dims):.4f} bits per dimension"
+        print(line)
     return 0
 
 
 def cmd_sample(args) -> int:
     from .plots import save_sample_grid
 
-    run = _load(args)
-    path = save_sample_grid(run.vae, args.out or run.run_dir / "samples.png", args.num, args.nrow, args.seed)
+    run = _load(args.run_dir, args)
+    path = save_sample_grid(run.program, args.out or run.run_dir / "samples.png", args.num, args.nrow, args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -249,9 +311,9 @@ def cmd_sample(args) -> int:
 def cmd_reconstruct(args) -> int:
     from .plots import save_reconstruction_grid
 
-    run = _load(args)
-    images = _test_images(run, args.num)
-    path = save_reconstruction_grid(run.vae, images, args.out or run.run_dir / "reconstructions.png", args.nrow)
+    run = _load(args.run_dir, args)
+    images = _test_data(run, args.num).images
+    path = save_reconstruction_grid(run.program, images, args.out or run.run_dir / "reconstructions.png", args.nrow)
     print(f"wrote {path}")
     return 0
 
@@ -259,71 +321,26 @@ def cmd_reconstruct(args) -> int:
 def cmd_plot(args) -> int:
     """Draw figures of one run (or the comparison of several) from its checkpoint and metrics."""
     from . import plots
-    from .data import binary_test_set, load_data
-    from .evaluate import active_units, kl_per_dimension
-    from .train import load_run, read_metrics
+    from .runs import read_metrics
 
-    multi = args.kind in ("comparison", "kl-profile")
+    multi = args.kind in plots.COMPARISONS
     if len(args.run_dirs) > 1 and not multi:
         raise ValueError(f"--kind {args.kind} draws one run, got {len(args.run_dirs)} RUN_DIRs; "
-                         "--kind comparison and --kind kl-profile take several")
-    runs = []
-    for run_dir in args.run_dirs:
-        run = load_run(run_dir, device=args.device)
-        if args.data_dir is not None:
-            run.config = dataclasses.replace(run.config, data=dataclasses.replace(run.config.data, data_dir=args.data_dir))
-        runs.append(run)
+                         f"--kind {' and --kind '.join(plots.COMPARISONS)} take several")
+    runs = [_load(run_dir, args) for run_dir in args.run_dirs]
     run = runs[0]
-    test = binary_test_set(load_data(run.config, "test", run.device)).head(args.limit)
-    classes = test.classes
+    test = _test_data(run, args.limit)
     out = args.out if args.out is not None else run.run_dir / "figures"
-    written = []
     if multi:
-        titles = {"autoencoder": "Autoencoder (reconstruction only)", "kl-only": "KL term only"}
-        names = args.names or [
-            titles.get(r.config.train.objective, "VAE (ELBO)")
-            + (f", beta = {r.config.train.beta:g}" if r.config.train.beta != 1.0 else "")
-            + (f", KL warm-up {r.config.train.kl_warmup_epochs} epochs" if r.config.train.kl_warmup_epochs else "")
-            for r in runs
-        ]
+        names = args.names or [plots.default_run_name(r.config) for r in runs]
         if len(names) != len(runs):
             raise ValueError(f"--names gives {len(names)} names for {len(runs)} runs")
-        if args.kind == "comparison":
-            panels = [(name, plots.posterior_means(r.vae, test.images)) for name, r in zip(names, runs)]
-            written.append(plots.comparison_figure(panels, test.labels, out / "comparison.png", classes=classes,
-                                                   pdf=args.pdf))
-        else:
-            profiles = [(name, kl_per_dimension(r.vae, test.images), active_units(r.vae, test.images)[1])
-                        for name, r in zip(names, runs)]
-            written.append(plots.kl_profile_figure(profiles, out / "kl-profile.png", pdf=args.pdf))
-    kinds = plots.KINDS if args.kind == "all" else () if multi else (args.kind,)
-    vae = run.vae
-    for kind in kinds:
-        path = out / f"{kind}.png"
-        if kind == "latent":
-            method = "tsne" if args.tsne else "auto"
-            written.append(plots.latent_figure(vae, test.images, test.labels, path, method=method, classes=classes,
-                                               seed=args.seed, pdf=args.pdf))
-        elif kind == "manifold":
-            if vae.z_dim != 2 and args.kind == "all":
-                print(f"skipped manifold: it needs z_dim = 2, this run has z_dim = {vae.z_dim}")
-                continue
-            written.append(plots.manifold_figure(vae, path, pdf=args.pdf))
-        elif kind == "samples":
-            written.append(plots.samples_figure(vae, path, seed=args.seed, pdf=args.pdf))
-        elif kind == "reconstructions":
-            written.append(plots.reconstructions_figure(vae, test.images, path, pdf=args.pdf))
-        elif kind == "interpolation":
-            written.append(plots.interpolation_figure(vae, test.images, test.labels, path, spherical=args.spherical,
-                                                      seed=args.seed, pdf=args.pdf))
-        elif kind == "dims":
-            count, activity = active_units(vae, test.images)
-            loc, scale = vae.encode(test.images[:4])
-            written.append(plots.dims_figure(loc, scale, kl_per_dimension(vae, test.images), activity, path,
-                                             pdf=args.pdf))
-            print(f"active units: {count} of {vae.z_dim}")
-        elif kind == "curves":
-            written.append(plots.curves_figure(read_metrics(run.run_dir), path, pdf=args.pdf))
+        written = [plots.draw_comparison(args.kind, list(zip(names, (r.program for r in runs))), test, out,
+                                         pdf=args.pdf)]
+    else:
+        written = plots.draw_figures([args.kind], run.program, test, read_metrics(run.run_dir), out,
+                                     method="tsne" if args.tsne else "auto", spherical=args.spherical,
+                                     seed=args.seed, pdf=args.pdf)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,97 +1,199 @@
 """Run configuration: one frozen dataclass per concern.
 
 Field names map 1:1 onto CLI flags (``z_dim`` <-> ``--z-dim``) and onto the keys of a
-run's ``config.json``. Unknown keys are an error, so a typo never silently falls back
-to a default.
+run's ``config.json``. Each field is declared with :func:`setting`, which carries its
+help text, its lower bound, and the registry (or fixed list) its value must come from:
+validation here and the CLI's flags, choices and help all read that one declaration.
+Unknown keys are an error, so a typo never silently falls back to a default.
+
+A run's ``model`` section is either a :class:`ModelConfig` (a registered model family,
+rebuilt from its name) or a :class:`ProgramRecord` (a program the user built in code
+and passed to :func:`pyro_vae.fit`; see docs/extending.md for how such a run loads back).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-DATASETS = ("mnist", "fashion-mnist", "binarized-mnist")
+
+def setting(default, help: str, *, minimum: float | None = None, registry: str | None = None,
+            choices: tuple[str, ...] | None = None, none_word: str | None = None, metavar: str | None = None):
+    """A configuration field with what the CLI and validation need to know about it.
+
+    :param registry: ``"module:NAME"`` of the :class:`pyro_vae.registry.Registry` whose
+        names are the valid values (looked up when validating, so config imports no model code).
+    :param choices: a fixed list of valid values, with ``help`` saying what each means.
+    :param minimum: the least valid value of a number (``0`` admits 0, ``1`` means positive).
+    :param none_word: how the CLI spells the default ``None`` (``--train-limit all``).
+    """
+    meta = {"help": help, "minimum": minimum, "registry": registry, "choices": choices,
+            "none_word": none_word, "metavar": metavar}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def registry_of(f: dataclasses.Field):
+    """The registry a field's values come from, or None."""
+    ref = f.metadata.get("registry")
+    if ref is None:
+        return None
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    registry = registry_of(f)
+    return registry.names() if registry is not None else f.metadata.get("choices")
+
+
+class _Section:
+    """Validation shared by the sections: types, bounds and choices from each field's metadata."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and (f.default is None or f.metadata.get("none_word")):
+                continue
+            _check_value(f, value)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], section: str):
+        if not isinstance(values, dict):
+            raise ValueError(f"configuration section {section!r} must be an object, got {values!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown {section} setting(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**values)
+
+
+def _check_value(f: dataclasses.Field, value) -> None:
+    kind = _field_kind(f)
+    name = f.name
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return
+    if kind is tuple:
+        if not isinstance(value, tuple) or not value or any(isinstance(v, bool) or not isinstance(v, int)
+                                                               or v < (f.metadata["minimum"] or 0) for v in value):
+            raise ValueError(f"{name} must be one or more positive integers, got {value!r}")
+        return
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        bound = "positive" if minimum == 1 and kind is int else f"at least {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    choices = choices_of(f)
+    if choices is not None and value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _field_kind(f: dataclasses.Field) -> type:
+    """int for 'int | None', tuple for 'tuple[int, ...]', and so on (annotations are strings here)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = text.split("|")[0].strip().split("[")[0]
+    return {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}[base]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    z_dim: int = 50
-    hidden_dims: tuple[int, ...] = (400,)  # one hidden layer of 400, as in Pyro's VAE tutorial
-    activation: str = "softplus"
-    network: str = "mlp"  # "mlp" or "conv"
-    likelihood: str = "bernoulli"
+class ModelConfig(_Section):
+    model: str = setting("vae", "model family", registry="pyro_vae.models:MODELS")
+    z_dim: int = setting(50, "latent dimension", minimum=1)
+    # one hidden layer of 400, as in Pyro's VAE tutorial
+    hidden_dims: tuple[int, ...] = setting((400,), "hidden layer sizes of the encoder (the decoder mirrors them)",
+                                           minimum=1, metavar="N")
+    activation: str = setting("softplus", "activation between layers", registry="pyro_vae.networks:ACTIVATIONS")
+    network: str = setting("mlp", "encoder and decoder networks", registry="pyro_vae.networks:NETWORKS")
+    likelihood: str = setting("bernoulli", "observation model p(x|z)", registry="pyro_vae.likelihoods:LIKELIHOODS")
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
-        _positive("z_dim", self.z_dim)
-        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
-            raise ValueError(f"hidden_dims must be one or more positive sizes, got {self.hidden_dims}")
+        if isinstance(self.hidden_dims, list):
+            object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "mnist"  # "mnist", "fashion-mnist" or "binarized-mnist"
-    data_dir: str | None = None  # None: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data
-    binarize: str = "dynamic"  # fresh Bernoulli sample each epoch, as in Burda et al. (2015)
-    train_limit: int | None = None  # train on the first N training images only
-    test_limit: int | None = None  # evaluate on the first N test images only
-    download: bool = True  # try torchvision's download when files are missing
+class ProgramRecord:
+    """The ``model`` section of a run whose program was built in code, not from a registry.
 
-    def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.binarize not in ("dynamic", "fixed"):
-            raise ValueError(f"binarize must be 'dynamic' or 'fixed', got {self.binarize!r}")
-        for name in ("train_limit", "test_limit"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+    ``program``: the class that trained (``module:QualName``), for the reader.
+    ``factory``: an importable ``package.module:function`` (or ``path/to/file.py:function``)
+    that returns the program when called without arguments; with it, every command can
+    load the run. Without it, load the run in Python with ``load_run(RUN, program=...)``.
+    ``likelihood``: the registered name of the program's likelihood, when it has one.
+    """
 
+    program: str
+    factory: str | None = None
+    likelihood: str | None = None
 
-OBJECTIVES = ("elbo", "autoencoder", "kl-only")
-ENGINES = ("captured", "module", "svi")  # pyro_vae.steps
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], section: str = "model") -> "ProgramRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown or "program" not in values:
+            raise ValueError(f"a program record needs 'program' and may hold {sorted(names - {'program'})}; "
+                             f"got {sorted(values)}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    elbo: str = "trace"  # "trace" (Monte Carlo KL) or "meanfield" (analytic KL)
-    # "captured": "module" replaying a recorded forward pass (pyro_vae.capture);
-    # "module": ELBO as torch module + one torch Adam; "svi": pyro.infer.SVI
-    engine: str = "captured"
-    num_particles: int = 1
-    seed: int = 0
-    device: str = "auto"  # "auto": CUDA when available, else CPU
-    eval_batch_size: int = 1000
-    objective: str = "elbo"  # "elbo", "autoencoder" (point-mass encoder, no KL) or "kl-only"
-    beta: float = 1.0  # weight of the KL term (beta-VAE, Higgins et al. 2017)
-    kl_warmup_epochs: int = 0  # raise the KL weight linearly from ~0 to beta over this many epochs
+class DataConfig(_Section):
+    dataset: str = setting("mnist", "data set", registry="pyro_vae.data:DATASETS")
+    data_dir: str | None = setting(None, "data folder (default: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data)",
+                                   metavar="FOLDER")
+    # a fresh Bernoulli sample each epoch, as in Burda et al. (2015)
+    binarize: str = setting("dynamic", "how grey images become binary, for binary likelihoods only: dynamic "
+                            "(a fresh Bernoulli sample each epoch) | fixed (one sample)", choices=("dynamic", "fixed"))
+    train_limit: int | None = setting(None, "train on the first N training images only", minimum=1,
+                                      none_word="all", metavar="N")
+    test_limit: int | None = setting(None, "evaluate on the first N test images only", minimum=1,
+                                     none_word="all", metavar="N")
+    download: bool = setting(True, "try the download when the files are missing")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    epochs: int = setting(10, "passes over the training set", minimum=1)
+    batch_size: int = setting(128, "images per SVI step", minimum=1)
+    lr: float = setting(1e-3, "Adam's learning rate", minimum=0)
+    estimator: str = setting("trace", "ELBO estimator", registry="pyro_vae.objectives:ESTIMATORS")
+    engine: str = setting("captured", "how a step runs", registry="pyro_vae.steps:ENGINES")
+    num_particles: int = setting(1, "samples of z per image in each ELBO estimate", minimum=1)
+    seed: int = setting(0, "seed of every random choice of the run", minimum=0)
+    device: str = setting("auto", "auto | cpu | cuda[:N]  (auto: CUDA when available)")
+    eval_batch_size: int = setting(1000, "images per batch when evaluating", minimum=1)
+    objective: str = setting("elbo", "what training maximises", registry="pyro_vae.objectives:OBJECTIVES")
+    beta: float = setting(1.0, "weight of the KL term (beta-VAE, Higgins et al. 2017)", minimum=0)
+    kl_warmup_epochs: int = setting(0, "raise the KL weight linearly from ~0 to beta over this many epochs",
+                                    minimum=0)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
-            _positive(name, getattr(self, name))
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):
-            raise ValueError(f"beta must be a non-negative number, got {self.beta!r}")
-        if isinstance(self.kl_warmup_epochs, bool) or not isinstance(self.kl_warmup_epochs, int) or self.kl_warmup_epochs < 0:
-            raise ValueError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
+        super().__post_init__()
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.elbo not in ("trace", "meanfield"):
-            raise ValueError(f"elbo must be 'trace' or 'meanfield', got {self.elbo!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig | ProgramRecord = field(default_factory=ModelConfig)
+    data: DataConfig | None = field(default_factory=DataConfig)  # None: data passed to fit() as tensors
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,26 +203,36 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         if not isinstance(d, dict):
             raise ValueError(f"a run configuration must be a JSON object, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        d = _upgrade(d)
+        unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown configuration section(s) {sorted(unknown)}; expected model, data, train")
-        parts = {}
-        for f in dataclasses.fields(cls):
-            sub = f.default_factory()  # type: ignore[misc]
-            parts[f.name] = _build(type(sub), d.get(f.name, {}), f.name)
-        return cls(**parts)
+        model = d.get("model", {})
+        if isinstance(model, dict) and "program" in model:
+            model = ProgramRecord.from_dict(model)
+        else:
+            model = ModelConfig.from_dict(model, "model")
+        data = d.get("data", {})
+        data = None if data is None else DataConfig.from_dict(data, "data")
+        return cls(model, data, TrainConfig.from_dict(d.get("train", {}), "train"))
+
+    @property
+    def registered(self) -> bool:
+        """Whether the model is a registered family (rebuilt from this configuration)."""
+        return isinstance(self.model, ModelConfig)
 
 
-def _build(klass, values: dict[str, Any], section: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"configuration section {section!r} must be an object, got {values!r}")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {section} setting(s) {sorted(unknown)}; known: {sorted(names)}")
-    return klass(**values)
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """Configurations written before models were a registry: ``train.elbo`` became
+    ``train.estimator``, and ``objective: autoencoder`` became ``model: ae``."""
+    train = d.get("train")
+    if not isinstance(train, dict) or not ({"elbo"} & set(train) or train.get("objective") == "autoencoder"):
+        return d
+    train = dict(train)
+    model = dict(d.get("model", {}))
+    if "elbo" in train:
+        train["estimator"] = train.pop("elbo")
+    if train.get("objective") == "autoencoder":
+        train["objective"] = "elbo"
+        model["model"] = "ae"
+    return {**d, "model": model, "train": train}

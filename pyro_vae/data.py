@@ -11,9 +11,24 @@ likelihood by sampling each pixel as Bernoulli(intensity):
   from ``(seed, epoch)`` so a resumed run sees the very same samples;
 * ``fixed``: one sample drawn with a fixed seed, reused every epoch.
 
+Only likelihoods that score binary data are given binarised images; continuous ones
+(continuous Bernoulli, Gaussian) see the grey values as they are
+(``TrainingSet(data, None, seed)``).
+
 The test set is binarised once with a fixed seed, so every evaluation of every run sees
 the same binary images. ``binarized-mnist`` is Larochelle & Murray's fixed binarisation
 and is used as it is.
+
+Data sets are registered in :data:`DATASETS`, each with a loader
+``(split, root, download) -> ImageData``:
+
+* ``mnist``, ``fashion-mnist``: torchvision's files, 60,000 / 10,000 grey 28 x 28 images.
+* ``binarized-mnist``: 50,000 / 10,000 / 10,000 (train / valid / test) binary images.
+* ``frey``: Frey Face (the face data of Kingma & Welling, 2013), 1,965 grey images of
+  28 x 20 from ``frey/frey_rawface.mat``. The frames are consecutive frames of one video,
+  so neighbours are near-copies: a random split would put copies of test frames in the
+  training set. The split is therefore contiguous and fixed: frames 1-1,765 train,
+  frames 1,766-1,965 (the last 200) test. No labels.
 """
 
 from __future__ import annotations
@@ -26,14 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DATASETS
+from .registry import Registry
 
 DATA_DIR_ENV = "PYRO_VAE_DATA"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "pyro_vae" / "data"
 FIXED_BINARIZATION_SEED = 0  # same binary training set for every run with --binarize fixed
 TEST_BINARIZATION_SEED = 1  # same binary test set for every evaluation of every run
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+FREY_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
+FREY_TRAIN = 1765  # frames 0..1764 train, the last 200 frames test (see the module docstring)
 
+DATASETS = Registry("dataset")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -82,24 +100,33 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def load_split(name: str, split: str, data_dir=None, download: bool = True) -> ImageData:
     """Read one split ("train", "test", and "valid" for binarized-mnist) on the CPU."""
-    root = resolve_data_dir(data_dir)
-    if name in ("mnist", "fashion-mnist"):
-        if split not in ("train", "test"):
-            raise ValueError(f"{name} has splits 'train' and 'test', not {split!r}")
-        return _load_torchvision(name, split == "train", root, download)
-    if name == "binarized-mnist":
-        return _load_binarized_mnist(split, root, download)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name](split, resolve_data_dir(data_dir), download)
 
 
 def load_data(config, split: str, device) -> ImageData:
-    """One split of a run's data set (a :class:`pyro_vae.config.RunConfig`) on ``device``,
-    cut to the configured limit and checked."""
-    data = load_split(config.data.dataset, split, config.data.data_dir, config.data.download)
-    limit = config.data.train_limit if split == "train" else config.data.test_limit
+    """One split of a data set described by a :class:`pyro_vae.config.DataConfig`, on
+    ``device``, cut to the configured limit and checked."""
+    data = load_split(config.dataset, split, config.data_dir, config.download)
+    limit = config.train_limit if split == "train" else config.test_limit
     data = data.head(limit)
-    check_images(data.images, what=f"the {config.data.dataset} {split} images")
+    check_images(data.images, what=f"the {config.dataset} {split} images")
     return data.to(device)
+
+
+def _train_or_test(name: str, split: str) -> bool:
+    if split not in ("train", "test"):
+        raise ValueError(f"{name} has splits 'train' and 'test', not {split!r}")
+    return split == "train"
+
+
+@DATASETS.register("mnist", "MNIST digits, 60,000 + 10,000 grey 28 x 28 images")
+def _load_mnist(split: str, root: Path, download: bool) -> ImageData:
+    return _load_torchvision("mnist", _train_or_test("mnist", split), root, download)
+
+
+@DATASETS.register("fashion-mnist", "Fashion-MNIST clothes, 60,000 + 10,000 grey 28 x 28 images")
+def _load_fashion_mnist(split: str, root: Path, download: bool) -> ImageData:
+    return _load_torchvision("fashion-mnist", _train_or_test("fashion-mnist", split), root, download)
 
 
 def _load_torchvision(name: str, train: bool, root: Path, download: bool) -> ImageData:
@@ -123,6 +150,7 @@ def _expected_files(klass) -> list[str]:
     return [os.path.splitext(os.path.basename(url))[0] for url, _ in klass.resources]
 
 
+@DATASETS.register("binarized-mnist", "Larochelle & Murray's fixed binarisation of MNIST, 50,000 + 10,000 (+ 10,000 valid)")
 def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
     if split not in ("train", "valid", "test"):
         raise ValueError(f"binarized-mnist has splits 'train', 'valid' and 'test', not {split!r}")
@@ -142,6 +170,29 @@ def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
         path = folder / stem
     images = torch.from_numpy(_read_amat(path)).float().reshape(-1, 1, 28, 28)
     return ImageData(images, None, binary=True)
+
+
+@DATASETS.register("frey", "Frey Face, 1,965 grey 28 x 20 faces: the first 1,765 frames train, the last 200 test")
+def _load_frey(split: str, root: Path, download: bool) -> ImageData:
+    train = _train_or_test("frey", split)
+    folder = root / "frey"
+    path = folder / "frey_rawface.mat"
+    if not path.exists():
+        if not download:
+            raise _missing("frey", folder, [path.name], "downloading is switched off")
+        from torchvision.datasets.utils import download_url
+
+        try:
+            download_url(FREY_URL, str(folder))
+        except Exception as err:
+            raise _missing("frey", folder, [path.name], f"the download failed ({err})") from err
+    from scipy.io import loadmat
+
+    # 'ff' is (560, 1965): one column per frame, each frame 28 rows of 20 pixels, row-major
+    frames = loadmat(str(path))["ff"].T.reshape(-1, 1, 28, 20)
+    frames = frames[:FREY_TRAIN] if train else frames[FREY_TRAIN:]
+    images = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
+    return ImageData(images, None, binary=False)
 
 
 def _read_amat(path: Path) -> np.ndarray:
@@ -196,16 +247,22 @@ class TrainingSet:
 
     SHUFFLE, BINARIZE = 0, 1
 
-    def __init__(self, data: ImageData, binarization: str, seed: int):
-        if binarization not in ("dynamic", "fixed"):
-            raise ValueError(f"binarization must be 'dynamic' or 'fixed', got {binarization!r}")
+    def __init__(self, data: ImageData, binarization: str | None, seed: int):
+        """``binarization``: "dynamic", "fixed", or None for the images as they are."""
+        if binarization not in ("dynamic", "fixed", None):
+            raise ValueError(f"binarization must be 'dynamic', 'fixed' or None, got {binarization!r}")
         self.data = data
         self.seed = int(seed)
         self.dynamic = binarization == "dynamic" and not data.binary
-        if data.binary:
+        if data.binary or binarization is None:
             self._fixed = data.images
         elif not self.dynamic:
             self._fixed = binarize(data.images, FIXED_BINARIZATION_SEED)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The labels on the device, or None when the data set has none."""
+        return self.data.labels
 
     def __len__(self) -> int:
         return len(self.data)
@@ -222,11 +279,17 @@ class TrainingSet:
         return torch.randperm(len(self), generator=gen, device=device)
 
 
-def binary_test_set(data: ImageData) -> ImageData:
-    """The test split binarised once with a fixed seed (unchanged if already binary)."""
-    if data.binary:
+def test_set(data: ImageData, binary: bool) -> ImageData:
+    """The test split as a program scores it: binarised once with a fixed seed when
+    ``binary`` and the images are grey; else unchanged."""
+    if data.binary or not binary:
         return data
     return ImageData(binarize(data.images, TEST_BINARIZATION_SEED), data.labels, True, data.classes)
+
+
+def binary_test_set(data: ImageData) -> ImageData:
+    """The test split binarised once with a fixed seed (unchanged if already binary)."""
+    return test_set(data, True)
 
 
 def check_images(images: torch.Tensor, image_shape=None, what: str = "images") -> None:

@@ -27,7 +27,9 @@ import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 
+from .objectives import sample_sites
 from .rng import forked_rng
+from .views import ViewUnavailable, posterior_means, require, standard_normal_prior
 
 
 @dataclass(frozen=True)
@@ -49,31 +51,39 @@ class Estimate:
         return f"{self.mean:.3f} +- {self.stderr:.3f}"
 
 
-def _sample_sites(trace):
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not _is_subsample(s)]
-
-
-def _is_subsample(site) -> bool:
-    return type(site["fn"]).__name__ == "_Subsample"
-
-
 def _traces(model, guide, x, **kwargs):
     guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
     return model_trace, guide_trace
 
 
+def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int):
+    """``(x, {"y": y})`` slices of ``batch_size`` images (no ``y`` when there are no labels)."""
+    for start in range(0, images.shape[0], batch_size):
+        extra = {} if labels is None else {"y": labels[start : start + batch_size]}
+        yield images[start : start + batch_size], extra
+
+
 @torch.no_grad()
-def batch_elbo_terms(model, guide, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image ``log_lik``, ``kl`` and ``elbo`` for one batch (one sample of z each)."""
-    model_trace, guide_trace = _traces(model, guide, x)
+def batch_elbo_terms(model, guide, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """Per-image ``log_lik``, ``kl`` and ``elbo`` for one batch (one sample of z each).
+
+    ``kl`` sums, over the latent sites, the KL of the guide's distribution from the
+    model's (in closed form where one exists, else the one-sample estimate
+    ``log q(z) - log p(z)``). A guide site that the model lacks is auxiliary (as in
+    Pyro's autoguides): it adds its ``log q`` to the same term.
+    """
+    model_trace, guide_trace = _traces(model, guide, x, **kwargs)
     log_lik = 0.0
-    for site in _sample_sites(model_trace):
+    for site in sample_sites(model_trace):
         if site["is_observed"]:
             log_lik = log_lik + site["fn"].log_prob(site["value"])
     kl = 0.0
-    for q_site in _sample_sites(guide_trace):
-        p_site = model_trace.nodes[q_site["name"]]
+    for q_site in sample_sites(guide_trace):
+        p_site = model_trace.nodes.get(q_site["name"])
+        if p_site is None:
+            kl = kl + q_site["fn"].log_prob(q_site["value"])
+            continue
         try:
             kl = kl + kl_divergence(q_site["fn"], p_site["fn"])
         except NotImplementedError:  # no closed form: a one-sample Monte Carlo estimate
@@ -82,30 +92,33 @@ def batch_elbo_terms(model, guide, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"log_lik": log_lik, "kl": kl, "elbo": log_lik - kl}
 
 
-def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed: int | None = 0) -> dict[str, torch.Tensor]:
-    """Per-image ELBO terms over a whole data set, batched; values are tensors ``(N,)``."""
+def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed: int | None = 0,
+               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-image ELBO terms over a whole data set, batched; values are tensors ``(N,)``.
+
+    ``labels``, when given, reach the program as ``y`` (for programs that take it)."""
     out: dict[str, list[torch.Tensor]] = {"log_lik": [], "kl": [], "elbo": []}
     with forked_rng(seed):
-        for start in range(0, images.shape[0], batch_size):
-            terms = batch_elbo_terms(model, guide, images[start : start + batch_size])
+        for x, extra in _batches(images, labels, batch_size):
+            terms = batch_elbo_terms(model, guide, x, **extra)
             for k in out:
-                out[k].append(terms[k])
+                out[k].append(torch.as_tensor(terms[k]).expand(x.shape[0]))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()
-def batch_log_weights(model, guide, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def batch_log_weights(model, guide, x: torch.Tensor, num_samples: int, **kwargs) -> torch.Tensor:
     """``log p(x, z_k) - log q(z_k | x)`` for ``num_samples`` draws per image: ``(K, B)``.
 
     The K draws are vectorised with an outer ``"particles"`` plate, so the networks see
     one ``(K, B, .)`` batch.
     """
     with pyro.plate("particles", num_samples, dim=-2):
-        model_trace, guide_trace = _traces(model, guide, x)
+        model_trace, guide_trace = _traces(model, guide, x, **kwargs)
     log_w = 0.0
-    for site in _sample_sites(model_trace):
+    for site in sample_sites(model_trace):
         log_w = log_w + site["fn"].log_prob(site["value"])
-    for site in _sample_sites(guide_trace):
+    for site in sample_sites(guide_trace):
         log_w = log_w - site["fn"].log_prob(site["value"])
     return log_w.expand(num_samples, x.shape[0])
 
@@ -119,6 +132,7 @@ def log_px_importance(
     max_elements: int = 50_000,
     seed: int | None = 0,
     progress=None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-image importance-sampled estimate of log p(x) with K = ``num_samples``.
 
@@ -130,13 +144,12 @@ def log_px_importance(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     results = []
     with forked_rng(seed):
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size]
+        for x, extra in _batches(images, labels, batch_size):
             chunk = max(1, max_elements // x.shape[0])
             total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
             for k0 in range(0, num_samples, chunk):
                 k = min(chunk, num_samples - k0)
-                log_w = batch_log_weights(model, guide, x, k).double()
+                log_w = batch_log_weights(model, guide, x, k, **extra).double()
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             results.append(total - math.log(num_samples))
             if progress is not None:
@@ -145,43 +158,62 @@ def log_px_importance(
 
 
 def evaluate_model(
-    vae,
+    program,
     images: torch.Tensor,
     num_samples: int = 5000,
     batch_size: int = 100,
     seed: int = 0,
     progress=None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Estimate]:
     """Test-set report: ELBO, its terms, and (for ``num_samples`` > 0) the IS bound.
 
     Keys: ``elbo``, ``log_lik``, ``kl`` and ``log_px_is{K}``; each an :class:`Estimate`.
+    A program whose guide is a point mass (``point_estimate``) has neither an ELBO nor an
+    importance-sampled bound: its report holds ``log_lik`` only. ``labels`` reach programs
+    that take ``y``.
     """
+    from .models import ProgramCall
+
+    labels = labels if ProgramCall(program).takes["y"] else None
     with pyro.get_param_store().scope():
-        terms = elbo_terms(vae.model, vae.guide, images, batch_size=max(batch_size, 1000), seed=seed)
+        terms = elbo_terms(program.model, program.guide, images, batch_size=max(batch_size, 1000), seed=seed,
+                           labels=labels)
+        if getattr(program, "point_estimate", False):
+            return {"log_lik": Estimate.of(terms["log_lik"])}
         report = {k: Estimate.of(v) for k, v in terms.items()}
         if num_samples > 0:
-            log_px = log_px_importance(
-                vae.model, vae.guide, images, num_samples, batch_size, seed=seed + 1, progress=progress
-            )
+            log_px = log_px_importance(program.model, program.guide, images, num_samples, batch_size, seed=seed + 1,
+                                       progress=progress, labels=labels)
             report[f"log_px_is{num_samples}"] = Estimate.of(log_px)
     return report
 
 
-# -- which latent dimensions are used -------------------------------------------------
+def bits_per_dim(log_px_nats: float, num_dims: int) -> float:
+    r"""``-log p(x)`` in bits per dimension, ``-log p(x) / (D \ln 2)``.
+
+    For a density on grey values in [0, 1] this is the density's own value; it is a bound
+    on the code length of 8-bit images only for dequantised data (docs/results.md).
+    """
+    return -log_px_nats / (num_dims * math.log(2.0))
+
+
+# -- which latent dimensions are used (programs with a Gaussian posterior view) --------
 
 
 @torch.no_grad()
-def _posterior_params(vae, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _posterior_params(program, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loc, scale) of q(z|x) for every image, each ``(N, z_dim)``, encoded in batches."""
+    require(program, "encode", purpose="the KL per dimension")
     locs, scales = [], []
     for start in range(0, images.shape[0], batch_size):
-        loc, scale = vae.encode(images[start : start + batch_size])
+        loc, scale = program.encode(images[start : start + batch_size])
         locs.append(loc)
         scales.append(scale)
     return torch.cat(locs), torch.cat(scales)
 
 
-def kl_per_dimension(vae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def kl_per_dimension(program, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     r"""Analytic KL of each latent dimension of q(z|x) from the N(0, 1) prior, averaged over images.
 
     For the diagonal Gaussian guide ``q(z_d|x) = N(loc_d(x), scale_d(x)^2)`` (site ``"z"`` of
@@ -193,13 +225,16 @@ def kl_per_dimension(vae, images: torch.Tensor, batch_size: int = 1000) -> torch
 
     and its sum over ``d`` is the ``kl`` of :func:`batch_elbo_terms`. Returns a tensor
     ``(z_dim,)`` in nats per image; a dimension with KL near 0 carries no information about x.
+    Needs the ``encode`` view and a standard normal prior (:func:`pyro_vae.views.standard_normal_prior`).
     """
-    loc, scale = _posterior_params(vae, images, batch_size)
+    if not standard_normal_prior(program):
+        raise ViewUnavailable("the KL per dimension needs a N(0, I) prior; this program's prior is another")
+    loc, scale = _posterior_params(program, images, batch_size)
     kl = 0.5 * (loc.double() ** 2 + scale.double() ** 2 - 1.0) - scale.double().log()
     return kl.mean(0)
 
 
-def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> tuple[int, torch.Tensor]:
+def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> tuple[int, torch.Tensor]:
     r"""The number of active latent units and the per-dimension activity (Burda et al., 2015).
 
     Unit ``d`` is active when its posterior mean moves with the input,
@@ -208,11 +243,11 @@ def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size:
 
         A_d = \operatorname{Var}_{x}\big(\mathbb{E}_{q(z \mid x)}[z_d]\big) > \text{threshold},
 
-    with ``E_q[z_d] = loc_d(x)`` for the Gaussian guide and the variance taken over
+    with ``E_q[z_d]`` from the program's ``posterior_mean`` view and the variance taken over
     ``images`` (population variance, divisor N). Returns ``(count, A)`` with ``A`` of shape
     ``(z_dim,)``. An inactive unit's posterior is the same for every x: it is unused, and
     typically collapsed onto the prior.
     """
-    loc, _ = _posterior_params(vae, images, batch_size)
+    loc = posterior_means(program, images, batch_size)
     activity = loc.double().var(0, unbiased=False)
     return int((activity > threshold).sum()), activity

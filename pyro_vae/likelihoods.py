@@ -1,18 +1,34 @@
-"""Likelihoods: decoder output -> a Pyro distribution over a flattened image.
+r"""Likelihoods: decoder output -> a Pyro distribution over a flattened image.
 
-A likelihood is a small callable object. ``likelihood(decoder_output)`` returns the
-distribution of ``x | z`` with the image as one event (``.to_event(1)``), and
-``likelihood.check_data(x)`` rejects data the distribution cannot score, before
-any training starts. A new observation model (Gaussian, Beta, ...) is a new class
-here, not a branch elsewhere.
+A likelihood is a small :class:`torch.nn.Module`, built as ``Klass(x_dim)``:
+
+* ``likelihood(out)`` returns the distribution of ``x | z`` with the image as one event
+  (batch shape ``out.shape[:-1]``, event shape ``(x_dim,)``);
+* ``mean(out)`` is E[x|z], the image a figure shows for a decoded z;
+* ``check_data(x)`` rejects data outside the distribution's support before training,
+  naming the likelihood and the fix;
+* ``binary`` says whether it scores binary pixels only: training binarises grey images
+  for those (``--binarize``) and leaves grey values as they are for the others.
+
+A learned part (a Gaussian's scale) is a parameter of the module; the VAE registers the
+likelihood with Pyro (``pyro.module``) so that every engine trains it. A new
+observation model is one class here and one registry line.
+
+For grey data the likelihoods are densities on [0, 1]^D: log p(x) is then a log-density,
+not a log-probability, and may be positive (docs/results.md).
 """
 
 from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from torch import nn
 from torch.distributions.utils import broadcast_all
-from torch.nn.functional import binary_cross_entropy_with_logits
+from torch.nn.functional import binary_cross_entropy_with_logits, softplus
+
+from .registry import Registry
+
+LIKELIHOODS = Registry("likelihood")
 
 
 class BernoulliImage(dist.Independent):
@@ -32,7 +48,38 @@ class BernoulliImage(dist.Independent):
         return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
-class BernoulliLikelihood:
+class Likelihood(nn.Module):
+    """What every likelihood shares: the float check and the support check's message."""
+
+    name = ""
+    binary = False
+    support = ""  # for messages: how the values it cannot score are described
+    fix = ""  # for messages: what to do with data it cannot score
+
+    def __init__(self, x_dim: int):
+        super().__init__()
+        self.x_dim = int(x_dim)
+
+    def outside(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise: which values lie outside the support."""
+        raise NotImplementedError
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Raise ``ValueError`` when any value of ``x`` lies outside the support (one host read)."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+        bad = self.outside(x)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            example = x[bad][0].item()
+            raise ValueError(
+                f"{what} holds {n_bad} value(s) {self.support} (for example {example!r}), which the "
+                f"{self.name} likelihood cannot score. {self.fix}"
+            )
+
+
+@LIKELIHOODS.register("bernoulli", "binary pixels, x ~ Bernoulli(logits = decoder output); grey images are binarised")
+class BernoulliLikelihood(Likelihood):
     r"""x_d | z ~ Bernoulli(sigmoid(f_d(z))), independently over the D pixels.
 
     The decoder output is used as ``logits``, which keeps ``log p(x|z)`` numerically
@@ -40,36 +87,105 @@ class BernoulliLikelihood:
     """
 
     name = "bernoulli"
+    binary = True
+    support = "that are not 0 or 1"
+    fix = ("Binarize grey images first (--binarize dynamic|fixed, or pyro_vae.data.binarize), or score the grey "
+           "values with --likelihood continuous-bernoulli or gaussian")
 
-    def __call__(self, logits: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
         return BernoulliImage(dist.Bernoulli(logits=logits), 1)
 
-    @staticmethod
-    def mean(logits: torch.Tensor) -> torch.Tensor:
-        """E[x | z], the image one usually shows for a decoded z."""
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
 
-    @staticmethod
-    def check_data(x: torch.Tensor, what: str = "data") -> None:
-        """Raise ``ValueError`` unless every value of ``x`` is exactly 0 or 1."""
-        if not torch.is_floating_point(x):
-            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
-        bad = ~((x == 0) | (x == 1))
-        if bool(bad.any()):
-            n_bad = int(bad.sum())
-            example = x[bad][0].item()
-            raise ValueError(
-                f"{what} holds {n_bad} value(s) that are not 0 or 1 (for example {example!r}); "
-                "a Bernoulli likelihood scores binary pixels only. Binarize grey-scale images first "
-                "(pyro_vae.data.binarize, or --binarize dynamic|fixed)"
-            )
+    def outside(self, x):
+        return ~((x == 0) | (x == 1))
 
 
-LIKELIHOODS = {"bernoulli": BernoulliLikelihood}
+@LIKELIHOODS.register("continuous-bernoulli",
+                      "grey values in [0, 1], the continuous Bernoulli with its normalising constant")
+class ContinuousBernoulliLikelihood(Likelihood):
+    r"""x_d | z ~ ContinuousBernoulli(lambda_d = sigmoid(f_d(z))) on [0, 1] (Loaiza-Ganem &
+    Cunningham, 2019):
+
+    .. math::
+
+        p(x \mid \lambda) = C(\lambda)\, \lambda^x (1 - \lambda)^{1 - x}, \qquad
+        C(\lambda) = \frac{2 \operatorname{artanh}(1 - 2\lambda)}{1 - 2\lambda}, \quad C(\tfrac12) = 2.
+
+    The Bernoulli's cross-entropy applied to grey values is this density without
+    ``log C``; the constant makes it a proper density and changes what the decoder
+    learns. torch's implementation evaluates ``log C`` by a Taylor expansion near
+    lambda = 1/2, where the closed form is 0/0. E[x|z] is the distribution's mean,
+    ``lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2 lambda))``, not lambda.
+    """
+
+    name = "continuous-bernoulli"
+    support = "outside [0, 1]"
+    fix = "Scale pixels to [0, 1]"
+
+    def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return dist.ContinuousBernoulli(logits=logits).mean
+
+    def outside(self, x):
+        return ~((x >= 0) & (x <= 1))
 
 
-def build_likelihood(name: str) -> BernoulliLikelihood:
-    try:
-        return LIKELIHOODS[name]()
-    except KeyError:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}") from None
+class _GaussianLikelihood(Likelihood):
+    r"""x_d | z ~ Normal(f_d(z), sigma_d) with a learned scale, ``sigma = MIN_SCALE + softplus(raw)``.
+
+    The floor keeps the density finite: grey images have pixels that are exactly 0 in
+    every image (MNIST's border), on which a free scale would shrink towards 0 and the
+    log-density grow without bound. The scale starts at ``INIT_SCALE``, about the spread
+    of a pixel around a blurry reconstruction, so the first steps fit the means rather
+    than the scale.
+    """
+
+    support = "that are NaN or infinite"
+    fix = "Replace NaN or infinite pixels"
+    MIN_SCALE = 1e-3
+    INIT_SCALE = 0.1
+
+    def __init__(self, x_dim: int, scale_shape):
+        super().__init__(x_dim)
+        start = torch.full(scale_shape, self.INIT_SCALE - self.MIN_SCALE)
+        self.raw_scale = nn.Parameter(start + torch.log(-torch.expm1(-start)))  # softplus^{-1}
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.MIN_SCALE + softplus(self.raw_scale)
+
+    def forward(self, loc: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(loc, self.scale.expand(loc.shape)).to_event(1)
+
+    def mean(self, loc: torch.Tensor) -> torch.Tensor:
+        return loc
+
+    def outside(self, x):
+        return ~torch.isfinite(x)
+
+
+@LIKELIHOODS.register("gaussian", "grey values, x ~ Normal(decoder output, learned scale per pixel)")
+class GaussianLikelihood(_GaussianLikelihood):
+    __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale per pixel."
+    name = "gaussian"
+
+    def __init__(self, x_dim: int):
+        super().__init__(x_dim, (int(x_dim),))
+
+
+@LIKELIHOODS.register("gaussian-shared", "grey values, x ~ Normal(decoder output, one learned scale for all pixels)")
+class SharedScaleGaussianLikelihood(_GaussianLikelihood):
+    __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale shared by all pixels."
+    name = "gaussian-shared"
+
+    def __init__(self, x_dim: int):
+        super().__init__(x_dim, ())
+
+
+def build_likelihood(name: str, x_dim: int) -> Likelihood:
+    """The likelihood registered as ``name``, for images of ``x_dim`` pixels."""
+    return LIKELIHOODS[name](x_dim)

@@ -17,22 +17,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "softplus": nn.Softplus,
-    "tanh": nn.Tanh,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-}
+from .registry import Registry
+
+ACTIVATIONS = Registry("activation")
+ACTIVATIONS.add("relu", nn.ReLU, "max(0, h)")
+ACTIVATIONS.add("softplus", nn.Softplus, "log(1 + e^h)")
+ACTIVATIONS.add("tanh", nn.Tanh, "tanh(h) (Burda et al. 2015)")
+ACTIVATIONS.add("elu", nn.ELU, "exponential linear unit")
+ACTIVATIONS.add("gelu", nn.GELU, "Gaussian error linear unit")
+
+NETWORKS = Registry("network")
 
 
 def activation(name: str) -> nn.Module:
-    try:
-        return ACTIVATIONS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        ) from None
+    return ACTIVATIONS[name]()
 
 
 def mlp(sizes: Sequence[int], act: str) -> nn.Sequential:
@@ -146,13 +144,19 @@ def _check_conv_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(s) for s in image_shape)  # type: ignore[return-value]
 
 
+@NETWORKS.register("mlp", "fully connected layers of --hidden-dims")
+def mlp_pair(image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str):
+    x_dim = math.prod(image_shape)
+    return MLPEncoder(x_dim, z_dim, hidden_dims, act), MLPDecoder(x_dim, z_dim, hidden_dims, act)
+
+
+@NETWORKS.register("conv", "two stride-2 convolutions (H, W divisible by 4), then the last of --hidden-dims")
+def conv_pair(image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str):
+    return ConvEncoder(image_shape, z_dim, hidden_dims, act), ConvDecoder(image_shape, z_dim, hidden_dims, act)
+
+
 def build_networks(
     kind: str, image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str
 ) -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair named by ``kind`` ("mlp" or "conv")."""
-    x_dim = math.prod(image_shape)
-    if kind == "mlp":
-        return MLPEncoder(x_dim, z_dim, hidden_dims, act), MLPDecoder(x_dim, z_dim, hidden_dims, act)
-    if kind == "conv":
-        return ConvEncoder(image_shape, z_dim, hidden_dims, act), ConvDecoder(image_shape, z_dim, hidden_dims, act)
-    raise ValueError(f"unknown network {kind!r}; choose 'mlp' or 'conv'")
+    """The (encoder, decoder) pair registered as ``kind`` in :data:`NETWORKS`."""
+    return NETWORKS[kind](image_shape, z_dim, hidden_dims, act)

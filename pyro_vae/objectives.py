@@ -24,6 +24,11 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
+from .registry import Registry
+
+ESTIMATORS = Registry("estimator")
+OBJECTIVES = Registry("objective")
+
 
 class _OnDeviceLoss:
     """``differentiable_loss`` without host reads: the mean over particles of the ELBO
@@ -54,10 +59,12 @@ def _total(terms):
     return total
 
 
-def _sample_sites(trace):
-    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+def sample_sites(trace):
+    """The sample sites of a trace, without the plates' subsample sites."""
+    return [site for site in trace.nodes.values() if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample"]
 
 
+@ESTIMATORS.register("trace", "Trace_ELBO: Monte Carlo KL at reparameterised samples")
 class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
     r""":class:`pyro.infer.Trace_ELBO` whose differentiable loss stays on the device.
 
@@ -66,8 +73,8 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
     """
 
     def _elbo_particle(self, model_trace, guide_trace):
-        guide_sites = _sample_sites(guide_trace)
-        elbo = _total([site["log_prob_sum"] for site in _sample_sites(model_trace)])
+        guide_sites = sample_sites(guide_trace)
+        elbo = _total([site["log_prob_sum"] for site in sample_sites(model_trace)])
         if guide_sites:
             elbo = elbo - _total([site["log_prob_sum"] for site in guide_sites])
         if all(is_identically_zero(site["score_parts"].score_function) for site in guide_sites):
@@ -77,6 +84,7 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
         return elbo, -surrogate_loss
 
 
+@ESTIMATORS.register("meanfield", "TraceMeanField_ELBO: the KL in closed form where one exists")
 class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     r""":class:`pyro.infer.TraceMeanField_ELBO` whose differentiable loss stays on the device.
 
@@ -86,7 +94,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
 
     def _elbo_particle(self, model_trace, guide_trace):
         terms = []
-        for site in _sample_sites(model_trace):
+        for site in sample_sites(model_trace):
             if site["is_observed"]:
                 terms.append(site["log_prob_sum"])
                 continue
@@ -97,22 +105,18 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
                 terms.append(site["log_prob_sum"] - guide_site["log_prob_sum"])
             else:
                 terms.append(-scale_and_mask(kl, guide_site["scale"], guide_site["mask"]).sum())
-        for site in _sample_sites(guide_trace):
+        for site in sample_sites(guide_trace):
             if site["name"] not in model_trace.nodes:  # auxiliary guide variables
                 terms.append(-site["log_prob_sum"])
         return _total(terms), None
 
 
-ELBOS = {"trace": OnDeviceTrace_ELBO, "meanfield": OnDeviceTraceMeanField_ELBO}
 MAX_PLATE_NESTING = 1  # the VAE has one plate, "data"
 
 
 def build_elbo(name: str = "trace", num_particles: int = 1) -> ELBO:
-    try:
-        klass = ELBOS[name]
-    except KeyError:
-        raise ValueError(f"unknown ELBO {name!r}; choose one of {sorted(ELBOS)}") from None
-    return klass(
+    """The estimator registered as ``name``, vectorising ``num_particles`` > 1."""
+    return ESTIMATORS[name](
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=MAX_PLATE_NESTING,
@@ -131,15 +135,20 @@ def kl_weight(beta: float, warmup_epochs: int, progress: float) -> float:
     return float(beta) * min(1.0, progress / warmup_epochs)
 
 
-def training_program(vae, objective: str):
-    """The (model, guide) pair that SVI optimises for ``objective``.
+@OBJECTIVES.register("elbo", "the ELBO, with the KL term weighted by --beta and the warm-up")
+def elbo_objective(model, guide):
+    return model, guide
 
-    ``elbo`` and ``autoencoder`` train the pair as it is (the autoencoder's guide is a
-    point mass and its KL weight is 0). ``kl-only`` hides the observation site ``"x"``
-    with :func:`pyro.poutine.block`, so the ELBO estimator sees the KL term alone.
+
+@OBJECTIVES.register("kl-only", "the KL term alone: the observed sites hidden (posterior collapse, on purpose)")
+def kl_only_objective(model, guide):
+    return poutine.block(model, hide_fn=lambda msg: msg["type"] == "sample" and msg["is_observed"]), guide
+
+
+def training_program(program, objective: str = "elbo"):
+    """The (model, guide) pair that SVI optimises for ``objective`` (:data:`OBJECTIVES`).
+
+    ``elbo`` trains the pair as it is. ``kl-only`` hides the observed sites with
+    :func:`pyro.poutine.block`, so the ELBO estimator sees the KL term alone.
     """
-    if objective in ("elbo", "autoencoder"):
-        return vae.model, vae.guide
-    if objective == "kl-only":
-        return poutine.block(vae.model, hide=["x"]), vae.guide
-    raise ValueError(f"unknown objective {objective!r}")
+    return OBJECTIVES[objective](program.model, program.guide)

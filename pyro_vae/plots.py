@@ -1,23 +1,31 @@
-r"""Figures from trained models and their metrics. Plots read models and results; they never train.
+r"""Figures from trained programs and their metrics. Plots read programs and results; they never train.
 
-Two kinds of function live here:
+Three layers live here:
 
-* array helpers (:func:`posterior_means`, :func:`pca`, :func:`tsne`, :func:`manifold_grid`,
-  :func:`interpolate`) that compute what a figure shows, testable on their own;
-* figure functions (``*_figure``), each taking a trained VAE and/or arrays and an output
-  path, writing a PNG (and a PDF beside it when ``pdf=True``) and returning the PNG's path.
+* array helpers (:func:`pca`, :func:`tsne`, :func:`manifold_grid`, :func:`interpolate`,
+  :func:`interpolation_pairs`, ...) that compute what a figure shows, testable on their own;
+* figure functions (``*_figure``), each taking a program's views and/or arrays and an
+  output path, writing a PNG (and a PDF beside it when ``pdf=True``) and returning the PNG's path;
+* the registries :data:`FIGURES` (one run) and :data:`COMPARISONS` (several runs), with
+  :func:`draw_figures` and :func:`draw_comparison`, which ``pyro-vae plot`` calls: each
+  kind knows which views of the program it needs (:mod:`pyro_vae.views`), so a program
+  that lacks one has that figure skipped with a reason, never a traceback.
 
-Every figure has a fixed size in inches (:data:`FIGSIZE`) drawn at :data:`DPI`, so its
-pixel size is known in advance. Matplotlib runs on the non-interactive Agg backend.
-The older torchvision grids (:func:`save_sample_grid`, :func:`save_reconstruction_grid`)
-stay for ``pyro-vae sample`` and ``pyro-vae reconstruct``.
+Figures ask the program for views (``posterior_mean``, ``decode``, ``sample_prior``, ...),
+never for a VAE's internals, and draw images of any shape ``(C, H, W)`` at their own
+aspect ratio. Every figure has a fixed size in inches (:data:`FIGSIZE`) drawn at
+:data:`DPI`, so its pixel size is known in advance. Matplotlib runs on the
+non-interactive Agg backend. The torchvision grids (:func:`save_sample_grid`,
+:func:`save_reconstruction_grid`) stay for ``pyro-vae sample`` and ``pyro-vae reconstruct``.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -32,7 +40,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from . import views  # noqa: E402
+from .evaluate import active_units, kl_per_dimension  # noqa: E402
+from .registry import Registry  # noqa: E402
 from .rng import forked_rng  # noqa: E402
+from .views import ViewUnavailable, posterior_means  # noqa: E402
 
 DPI = 100
 FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
@@ -46,31 +58,27 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "comparison": (5.0, 5.2),  # per panel
     "kl-profile": (12.0, 5.0),
 }
-KINDS = ("latent", "manifold", "samples", "reconstructions", "interpolation", "dims", "curves")
+PAD_VALUE = 1.0  # white lines between the images of a grid: they stand out from grey images and black backgrounds
+PRIOR_DRAWS = 10_000  # prior samples behind the manifold's grid when the prior is not N(0, I)
 
 
 # -- what the figures show -------------------------------------------------------------
 
 
 @torch.no_grad()
-def prior_samples(vae, num: int, seed: int = 0) -> torch.Tensor:
-    """E[x|z] for ``num`` draws z ~ p(z): images ``(num, *image_shape)``."""
+def prior_samples(program, num: int, seed: int = 0) -> torch.Tensor:
+    """E[x|z] for ``num`` draws z ~ p(z) (the ``sample_prior`` view): images ``(num, *image_shape)``."""
+    views.require(program, "sample_prior", "decode", purpose="samples from the prior")
     with forked_rng(seed):
-        z = torch.randn(num, vae.z_dim, device=vae.prior_loc.device)
-    return vae.decode(z)
+        z = program.sample_prior(num)
+    return program.decode(z)
 
 
 @torch.no_grad()
-def reconstructions(vae, images: torch.Tensor) -> torch.Tensor:
-    """E[x|z] at the posterior mean z = loc(x), the usual picture of a reconstruction."""
-    loc, _ = vae.encode(images)
-    return vae.decode(loc)
-
-
-@torch.no_grad()
-def posterior_means(vae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z|x] = loc(x) for every image: ``(N, z_dim)``."""
-    return torch.cat([vae.encode(images[s : s + batch_size])[0] for s in range(0, images.shape[0], batch_size)])
+def reconstructions(program, images: torch.Tensor) -> torch.Tensor:
+    """E[x|z] at the posterior mean z = E_q[z|x], the usual picture of a reconstruction."""
+    views.require(program, "posterior_mean", "decode", purpose="reconstructions")
+    return program.decode(program.posterior_mean(images))
 
 
 def pca(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,17 +145,40 @@ def project_latents(z: torch.Tensor, method: str = "auto", seed: int = 0) -> tup
     raise ValueError(f"unknown projection {method!r}; choose 'auto', 'direct', 'pca' or 'tsne'")
 
 
-def manifold_grid(n: int = 20) -> torch.Tensor:
-    r"""Latent points ``(n * n, 2)`` on a grid at the Gaussian quantiles ``Phi^{-1}((i + 1/2) / n)``.
+def manifold_grid(n: int = 20, q1: torch.Tensor | None = None, q2: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Latent points ``(n * n, 2)`` on a grid, by default at the Gaussian quantiles ``Phi^{-1}((i + 1/2) / n)``.
 
     Equal steps in probability mass, so each grid cell holds the same prior mass and the
-    grid covers the prior's bulk without running into its tails. Row-major from the top:
-    row ``r`` has ``z_2`` decreasing with ``r`` (so larger ``z_2`` is drawn higher up), column
-    ``c`` has ``z_1`` increasing with ``c``.
+    grid covers the prior's bulk without running into its tails. ``q1`` and ``q2``
+    (increasing, ``(n,)`` each) replace the quantiles of ``z_1`` and ``z_2``, e.g. by those
+    of another prior. Row-major from the top: row ``r`` has ``z_2`` decreasing with ``r``
+    (so larger ``z_2`` is drawn higher up), column ``c`` has ``z_1`` increasing with ``c``.
     """
     q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
-    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    q1 = q if q1 is None else q1
+    q2 = q if q2 is None else q2
+    z2, z1 = torch.meshgrid(q2.flip(0), q1, indexing="ij")
     return torch.stack([z1.reshape(-1), z2.reshape(-1)], 1)
+
+
+def prior_quantiles(program, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """The manifold's grid for ``program``: ``(z (n * n, 2), what the axes are)``.
+
+    Under a N(0, I) prior, the exact Gaussian quantiles. Under another prior with the
+    ``sample_prior`` view, each axis's empirical quantiles at ``(i + 1/2) / n`` of
+    :data:`PRIOR_DRAWS` draws, so the grid covers that prior's bulk (a mixture's
+    components sit wherever the prior puts them). Without either, the N(0, 1) quantiles,
+    labelled as such.
+    """
+    if views.standard_normal_prior(program):
+        return manifold_grid(n), "Gaussian quantiles"
+    if views.missing(program, "sample_prior") is None:
+        with forked_rng(seed), torch.no_grad():
+            draws = program.sample_prior(PRIOR_DRAWS).detach().double().cpu()
+        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        q1, q2 = (torch.quantile(draws[:, d], levels).float() for d in (0, 1))
+        return manifold_grid(n, q1, q2), f"prior quantiles, from {PRIOR_DRAWS:,} draws"
+    return manifold_grid(n), "N(0, 1) quantiles"
 
 
 def interpolate(z_a: torch.Tensor, z_b: torch.Tensor, steps: int, spherical: bool = False) -> torch.Tensor:
@@ -169,7 +200,8 @@ def interpolate(z_a: torch.Tensor, z_b: torch.Tensor, steps: int, spherical: boo
 
 
 def interpolation_pairs(labels: torch.Tensor | None, num_pairs: int, n: int, seed: int = 0) -> list[tuple[int, int]]:
-    """``num_pairs`` index pairs of test images, of different classes when labels are known."""
+    """``num_pairs`` index pairs of test images, no image twice: of different classes when
+    labels are known, else any two images of a seeded random order."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).tolist()
     pairs, used = [], set()
@@ -190,7 +222,7 @@ def interpolation_pairs(labels: torch.Tensor | None, num_pairs: int, n: int, see
 
 
 def latent_figure(
-    vae,
+    program,
     images: torch.Tensor,
     labels: torch.Tensor | None,
     path: str | Path,
@@ -201,75 +233,89 @@ def latent_figure(
     seed: int = 0,
     pdf: bool = False,
 ) -> Path:
-    """Posterior means of ``images`` scattered in 2-D, coloured by class."""
-    codes = posterior_means(vae, images).cpu()
+    """Posterior means E_q[z|x] of ``images`` scattered in 2-D, coloured by class when ``labels`` are given.
+
+    With 2-D codes drawn directly under a N(0, I) prior, the prior's 1- and 2-sigma
+    circles are drawn as a yardstick.
+    """
+    codes = posterior_means(program, images).cpu()
     xy, axis_labels = project_latents(codes, method, seed)
     fig, ax = plt.subplots(figsize=FIGSIZE["latent"], layout="constrained")
     direct = codes.shape[1] <= 2 and method in ("auto", "direct")
-    scatter = _scatter_codes(ax, xy, labels, axis_labels, prior_circles=direct and codes.shape[1] == 2)
+    circles = direct and codes.shape[1] == 2 and views.standard_normal_prior(program)
+    scatter = _scatter_codes(ax, xy, labels, axis_labels, prior_circles=circles)
     how = "" if direct else {"pca": ", PCA", "auto": ", PCA", "tsne": ", t-SNE"}.get(method, "")
-    ax.set_title(title or f"Posterior means $E_q[z|x]$ of {len(codes)} test images (z_dim = {codes.shape[1]}{how})")
+    lines = [f"Posterior means $E_q[z|x]$ of {len(codes)} test images (z_dim = {codes.shape[1]}{how})"]
+    notes = (["no class labels, so one colour"] if labels is None else []) + (
+        ["dashed: the prior's 1 and 2 sigma"] if circles else [])
+    ax.set_title(title or "\n".join(lines + (["; ".join(notes)] if notes else [])), fontsize=11)
     _class_colorbar(fig, scatter, ax, labels, classes)
     return _save(fig, path, pdf)
 
 
-def manifold_figure(vae, path: str | Path, *, n: int = 20, title: str | None = None, pdf: bool = False) -> Path:
-    """For z_dim = 2: the decoder mean E[x|z] at ``n x n`` latent points at Gaussian quantiles."""
-    if vae.z_dim != 2:
-        raise ValueError(f"the manifold figure needs a 2-D latent space; this model has z_dim = {vae.z_dim}")
-    z = manifold_grid(n).to(vae.prior_loc.device)
+def manifold_figure(program, path: str | Path, *, n: int = 20, seed: int = 0, title: str | None = None,
+                    pdf: bool = False) -> Path:
+    """For z_dim = 2: the decoder mean E[x|z] at ``n x n`` latent points at prior quantiles
+    (:func:`prior_quantiles`), each image at its own aspect ratio."""
+    views.require(program, "z_dim", "image_shape", "decode", purpose="the manifold figure")
+    if program.z_dim != 2:
+        raise ViewUnavailable(f"the manifold figure needs z_dim = 2; this program has z_dim = {program.z_dim}")
+    z, how = prior_quantiles(program, n, seed)
+    device, dtype = _tensor_home(program)
     with torch.no_grad():
-        images = vae.decode(z).cpu()
-    c, h, w = vae.image_shape
+        images = program.decode(z.to(device, dtype)).float().cpu()
+    c, h, w = program.image_shape
     grid = images.reshape(n, n, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, n * h, n * w)
     fig, ax = plt.subplots(figsize=FIGSIZE["manifold"], layout="constrained")
     _imshow(ax, grid)
-    q = z[:n, 0].cpu()  # the z_1 values of one row, left to right
-    ticks = list(range(0, n, max(1, n // 5))) + ([n - 1] if (n - 1) % max(1, n // 5) else [])
-    ax.set_xticks([(i + 0.5) * w for i in ticks], [f"{float(q[i]):.2f}" for i in ticks])
-    ax.set_yticks([(i + 0.5) * h for i in ticks], [f"{float(-q[i]):.2f}" for i in ticks])
-    ax.set_xlabel("$z_1$ (Gaussian quantiles)")
-    ax.set_ylabel("$z_2$ (Gaussian quantiles)")
+    step = max(1, n // 5)
+    ticks = list(range(0, n, step)) + ([n - 1] if (n - 1) % step else [])
+    ax.set_xticks([(i + 0.5) * w for i in ticks], [f"{float(z[i, 0]):.2f}" for i in ticks])  # z_1 along a row
+    ax.set_yticks([(i + 0.5) * h for i in ticks], [f"{float(z[i * n, 1]):.2f}" for i in ticks])  # z_2 down a column
+    ax.set_xlabel(f"$z_1$ ({how})")
+    ax.set_ylabel(f"$z_2$ ({how})")
     ax.set_title(title or f"Decoder mean $E[x|z]$ over a {n}x{n} grid of $z$ at prior quantiles")
     return _save(fig, path, pdf)
 
 
-def samples_figure(vae, path: str | Path, *, num: int = 64, nrow: int = 8, seed: int = 0,
+def samples_figure(program, path: str | Path, *, num: int = 64, nrow: int = 8, seed: int = 0,
                    title: str | None = None, pdf: bool = False) -> Path:
-    """Images E[x|z] decoded from ``num`` prior draws z ~ N(0, I)."""
-    images = prior_samples(vae, num, seed).cpu()
+    """Images E[x|z] decoded from ``num`` prior draws z ~ p(z)."""
+    images = prior_samples(program, num, seed).float().cpu()
     fig, ax = plt.subplots(figsize=FIGSIZE["samples"], layout="constrained")
-    _imshow(ax, make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
+    _imshow(ax, make_grid(images, nrow=nrow, padding=2, pad_value=PAD_VALUE))
     ax.set_axis_off()
-    ax.set_title(title or f"$E[x|z]$ for {num} samples $z \\sim N(0, I)$ (z_dim = {vae.z_dim})")
+    prior = "N(0, I)" if views.standard_normal_prior(program) else "p(z)"
+    ax.set_title(title or f"$E[x|z]$ for {num} samples $z \\sim {prior}${_z_dim_note(program)}")
     return _save(fig, path, pdf)
 
 
-def reconstructions_figure(vae, images: torch.Tensor, path: str | Path, *, nrow: int = 12, rows: int = 3,
+def reconstructions_figure(program, images: torch.Tensor, path: str | Path, *, nrow: int = 12, rows: int = 3,
                            title: str | None = None, pdf: bool = False) -> Path:
-    """Test images, each row above a row of their reconstructions E[x | z = loc(x)]."""
+    """Test images, each row above a row of their reconstructions E[x | z = E_q[z|x]]."""
+    views.require(program, "image_shape", purpose="the reconstructions figure")
     num = min(nrow * rows, images.shape[0])
     nrow = min(nrow, num)
     images = images[: num - num % nrow]
-    recon = reconstructions(vae, images).cpu()
-    images = images.reshape(-1, *vae.image_shape).cpu()
+    recon = reconstructions(program, images).float().cpu()
+    images = images.reshape(-1, *program.image_shape).float().cpu()
     stacked = []
     for s in range(0, images.shape[0], nrow):
         stacked += [images[s : s + nrow], recon[s : s + nrow]]
-    grid = make_grid(torch.cat(stacked), nrow=nrow, padding=2, pad_value=0.5)
+    grid = make_grid(torch.cat(stacked), nrow=nrow, padding=2, pad_value=PAD_VALUE)
     fig, ax = plt.subplots(figsize=FIGSIZE["reconstructions"], layout="constrained")
     _imshow(ax, grid)
-    h = vae.image_shape[1] + 2
+    h = program.image_shape[1] + 2
     n_rows = 2 * (images.shape[0] // nrow)
     ax.set_yticks([(r + 0.5) * h for r in range(n_rows)], ["test $x$", "recon."] * (n_rows // 2))
     ax.set_xticks([])
     ax.tick_params(length=0)
-    ax.set_title(title or "Test images (binarized) above their reconstructions $E[x \\mid z = \\mathrm{loc}(x)]$")
+    ax.set_title(title or "Test images above their reconstructions $E[x \\mid z = E_q[z|x]]$")
     return _save(fig, path, pdf)
 
 
 def interpolation_figure(
-    vae,
+    program,
     images: torch.Tensor,
     labels: torch.Tensor | None,
     path: str | Path,
@@ -283,9 +329,12 @@ def interpolation_figure(
 ) -> Path:
     """Decoded paths between the posterior means of pairs of test images.
 
-    Each row: test image ``x_a``, ``steps`` decoded points from ``loc(x_a)`` to ``loc(x_b)``,
-    test image ``x_b``. With ``spherical=True`` a second panel shows the slerp paths.
+    Each row: test image ``x_a``, ``steps`` decoded points from ``E_q[z|x_a]`` to
+    ``E_q[z|x_b]``, test image ``x_b``. Pairs join different classes when ``labels`` are
+    given, else random pairs (:func:`interpolation_pairs`). With ``spherical=True`` a
+    second panel shows the slerp paths.
     """
+    views.require(program, "image_shape", "posterior_mean", "decode", purpose="the interpolation figure")
     pairs = interpolation_pairs(labels, num_pairs, images.shape[0], seed)
     if not pairs:
         raise ValueError("interpolation needs at least two test images (of different classes when labelled)")
@@ -296,20 +345,21 @@ def interpolation_figure(
         rows = []
         for i, j in pairs:
             with torch.no_grad():
-                loc, _ = vae.encode(images[[i, j]])
-                path_images = vae.decode(interpolate(loc[0], loc[1], steps, sph)).cpu()
-            ends = images[[i, j]].reshape(2, *vae.image_shape).cpu()
+                loc = program.posterior_mean(images[[i, j]])
+                path_images = program.decode(interpolate(loc[0], loc[1], steps, sph)).float().cpu()
+            ends = images[[i, j]].reshape(2, *program.image_shape).float().cpu()
             rows.append(torch.cat([ends[:1], path_images, ends[1:]]))
-        _imshow(ax, make_grid(torch.cat(rows), nrow=steps + 2, padding=2, pad_value=0.5))
-        w = vae.image_shape[2] + 2
+        _imshow(ax, make_grid(torch.cat(rows), nrow=steps + 2, padding=2, pad_value=PAD_VALUE))
+        w = program.image_shape[2] + 2
         names = ["$x_a$"] + [f"{t:.1f}" if k in (0, steps - 1) or steps <= 6 else "" for k, t in
                              enumerate(np.linspace(0, 1, steps))] + ["$x_b$"]
         ax.set_xticks([(k + 0.5) * w for k in range(steps + 2)], names)
         ax.set_yticks([])
         ax.tick_params(length=0)
         kind = "spherical (slerp)" if sph else "linear"
-        ax.set_xlabel(f"{kind} path from loc($x_a$) (t = 0) to loc($x_b$) (t = 1), decoded")
-    axes[0, 0].set_title(title or f"Latent interpolation between {len(pairs)} pairs of test images")
+        ax.set_xlabel(f"{kind} path from $E_q[z|x_a]$ (t = 0) to $E_q[z|x_b]$ (t = 1), decoded")
+    chosen = "of different classes" if labels is not None else "chosen at random (no labels)"
+    axes[0, 0].set_title(title or f"Latent interpolation between {len(pairs)} pairs of test images {chosen}")
     return _save(fig, path, pdf)
 
 
@@ -342,7 +392,7 @@ def dims_figure(
         ax0.errorbar(d + offsets[k], loc[k], yerr=scale[k], fmt="o", ms=3, capsize=2, lw=1,
                      label=f"test image {k + 1}")
     ax0.set_ylabel("posterior loc $\\pm$ scale")
-    ax0.set_title("$q(z_d|x)$ for a few test images against the prior")
+    ax0.set_title("$q(z_d|x)$ for a few test images against the prior N(0, 1)")
     ax0.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     bar_colors = np.where(active, "tab:blue", "tab:gray")
     width = 0.8 if len(d) > 4 else 0.4
@@ -363,12 +413,17 @@ def dims_figure(
     return _save(fig, path, pdf)
 
 
-def curves_figure(records: Sequence[dict], path: str | Path, *, title: str | None = None, pdf: bool = False) -> Path:
+def curves_figure(records: Sequence[dict], path: str | Path, *, density: bool = False, title: str | None = None,
+                  pdf: bool = False) -> Path:
     """ELBO, expected log-likelihood and KL per epoch, train and test, from metrics.jsonl lines.
 
     Draws every series the records hold: ``{train,test}_{elbo,log_lik,kl}`` and, when
     the training objective differs from the ELBO (beta != 1, annealing, baselines),
-    ``train_objective`` beside the ELBO and the KL weight on the KL panel.
+    ``train_objective`` beside the ELBO and the KL weight on the KL panel. A run with no
+    ELBO (a point-mass guide) leaves the panels it has no series for empty, saying so.
+    ``density``: the likelihood is a density over grey pixels (not a probability of binary
+    ones), so the ELBO and log-likelihood are log-densities, which may well be positive;
+    the axes follow the data either way.
     """
     if not records:
         raise ValueError("no metrics to plot: the run has not finished an epoch")
@@ -383,7 +438,7 @@ def curves_figure(records: Sequence[dict], path: str | Path, *, title: str | Non
                 ax.plot(epochs, _nan(series), ms=3, label=split, **style[split])
         ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("nats per image")
+        ax.set_ylabel("log-density, nats per image" if density and key != "kl" else "nats per image")
         ax.grid(alpha=0.3)
     objective = [r.get("train_objective") for r in records]
     weights = [r.get("kl_weight") for r in records]
@@ -398,9 +453,12 @@ def curves_figure(records: Sequence[dict], path: str | Path, *, title: str | Non
         legend_axes.append(twin)
     for ax in axes:
         if not ax.get_lines():  # the autoencoder has no KL and so no ELBO
-            ax.text(0.5, 0.5, "not defined for this objective", ha="center", va="center", transform=ax.transAxes,
-                    color="0.4")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.text(0.5, 0.5, "not reported for this run\n(no ELBO: the guide is a point mass)", ha="center",
+                    va="center", transform=ax.transAxes, color="0.4")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _figure_legend(fig, legend_axes)
     fig.suptitle(title or "Per-epoch metrics (higher ELBO and log-likelihood are better)")
     return _save(fig, path, pdf)
@@ -412,6 +470,7 @@ def comparison_figure(
     path: str | Path,
     *,
     classes: Sequence[str] | None = None,
+    prior_circles: bool = True,
     title: str | None = None,
     pdf: bool = False,
 ) -> Path:
@@ -419,7 +478,8 @@ def comparison_figure(
 
     ``panels``: ``(name, codes (N, 2))`` pairs, codes of the same images in every panel.
     Each panel has its own scale (the AE's codes can be orders of magnitude wider than the
-    prior), and every panel draws the prior's 1- and 2-sigma circles as the common yardstick.
+    prior); with ``prior_circles`` (every run's prior is N(0, I)) every panel draws the
+    prior's 1- and 2-sigma circles as the common yardstick.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=figure_size("comparison", len(panels)), layout="constrained",
                              squeeze=False)
@@ -428,11 +488,14 @@ def comparison_figure(
         codes = codes.detach().cpu()
         if codes.shape[1] != 2:
             raise ValueError(f"the comparison figure needs 2-D latent codes; {name!r} has {codes.shape[1]} dimensions")
-        scatter = _scatter_codes(ax, codes, labels, ("$z_1$", "$z_2$"), prior_circles=True)
+        scatter = _scatter_codes(ax, codes, labels, ("$z_1$", "$z_2$"), prior_circles=prior_circles)
         spread = codes.double().std(0)
         ax.set_title(f"{name}\nstd of codes: {float(spread[0]):.3g}, {float(spread[1]):.3g}", fontsize=10)
     _class_colorbar(fig, scatter, axes[0].tolist(), labels, classes)
-    fig.suptitle(title or "Posterior means of the same test images (dashed: prior's 1 and 2 sigma)")
+    notes = (["no class labels, so one colour"] if labels is None else []) + (
+        ["dashed: the prior's 1 and 2 sigma"] if prior_circles else [])
+    lines = ["Posterior means of the same test images"] + (["; ".join(notes)] if notes else [])
+    fig.suptitle(title or "\n".join(lines))
     return _save(fig, path, pdf)
 
 
@@ -476,26 +539,275 @@ def kl_profile_figure(
     return _save(fig, path, pdf)
 
 
+# -- the figure kinds of `pyro-vae plot` ------------------------------------------------------
+
+FIGURES = Registry("figure")  # one run each: drawn by draw_figures
+COMPARISONS = Registry("comparison figure")  # several runs in one figure: drawn by draw_comparison
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure kind: what it needs of the program, and how it is drawn.
+
+    ``draw(program, test, metrics, path, options)``: writes the figure, returns its PNG's path
+    (for :data:`COMPARISONS`: ``draw(named_programs, test, path, pdf)``).
+    ``view_names``: the views (:mod:`pyro_vae.views`) the program must offer.
+    ``check(program, test, metrics)``: any further condition, as a one-line reason it fails, or None.
+    """
+
+    draw: Callable[..., Path]
+    view_names: tuple[str, ...] = ()
+    check: Callable[..., str | None] | None = None
+
+    def unavailable(self, program, test=None, metrics=None) -> str | None:
+        """Why this figure cannot be drawn for ``program`` (one line), or None when it can."""
+        reason = views.missing(program, *self.view_names)
+        if reason is None and self.check is not None:
+            reason = self.check(program, test, metrics)
+        return reason
+
+
+def needs(*view_names: str, check: Callable[..., str | None] | None = None):
+    """Decorator: a draw function -> a :class:`Figure` needing ``view_names`` (and ``check``)."""
+
+    def wrap(draw) -> Figure:
+        return Figure(draw, view_names, check)
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class _Options:
+    method: str = "auto"
+    spherical: bool = False
+    seed: int = 0
+    pdf: bool = False
+    log: Callable[[str], None] = print
+
+
+def _two_dimensional(program, test, metrics) -> str | None:
+    if program.z_dim != 2:
+        return f"it needs z_dim = 2, this run has z_dim = {program.z_dim}"
+    return None
+
+
+def _gaussian_posterior_and_prior(program, test, metrics) -> str | None:
+    """The KL per dimension is the closed form for a diagonal Gaussian q(z|x) against N(0, I)
+    (the ``encode`` view, which a point-mass guide lacks, is checked before this)."""
+    if not views.standard_normal_prior(program):
+        return f"the KL per dimension needs a N(0, I) prior; {type(program).__name__}'s prior is another"
+    return None
+
+
+def _two_images(program, test, metrics) -> str | None:
+    return None if test.images.shape[0] >= 2 else "it needs at least two test images"
+
+
+def _has_metrics(program, test, metrics) -> str | None:
+    return None if metrics else "the run has no metrics yet (it has not finished an epoch)"
+
+
+@FIGURES.register("latent", "posterior means E_q[z|x] of the test images in 2-D (PCA or t-SNE beyond 2-D), "
+                            "coloured by class when the data set has labels")
+@needs("posterior_mean")
+def _draw_latent(program, test, metrics, path, opt: _Options) -> Path:
+    return latent_figure(program, test.images, test.labels, path, method=opt.method, classes=test.classes,
+                         seed=opt.seed, pdf=opt.pdf)
+
+
+@FIGURES.register("manifold", "decoder means E[x|z] over a 20x20 grid of z at prior quantiles (z_dim = 2 only)")
+@needs("z_dim", "image_shape", "decode", check=_two_dimensional)
+def _draw_manifold(program, test, metrics, path, opt: _Options) -> Path:
+    return manifold_figure(program, path, seed=opt.seed, pdf=opt.pdf)
+
+
+@FIGURES.register("samples", "decoder means E[x|z] of 64 draws z ~ p(z)")
+@needs("sample_prior", "decode")
+def _draw_samples(program, test, metrics, path, opt: _Options) -> Path:
+    return samples_figure(program, path, seed=opt.seed, pdf=opt.pdf)
+
+
+@FIGURES.register("reconstructions", "test images above their reconstructions E[x | z = E_q[z|x]]")
+@needs("image_shape", "posterior_mean", "decode")
+def _draw_reconstructions(program, test, metrics, path, opt: _Options) -> Path:
+    return reconstructions_figure(program, test.images, path, pdf=opt.pdf)
+
+
+@FIGURES.register("interpolation", "decoded paths between the posterior means of pairs of test images "
+                                   "(and slerp paths with --spherical)")
+@needs("image_shape", "posterior_mean", "decode", check=_two_images)
+def _draw_interpolation(program, test, metrics, path, opt: _Options) -> Path:
+    return interpolation_figure(program, test.images, test.labels, path, spherical=opt.spherical, seed=opt.seed,
+                                pdf=opt.pdf)
+
+
+@FIGURES.register("dims", "per latent dimension: q(z_d|x) of a few test images, KL from the prior, activity")
+@needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
+def _draw_dims(program, test, metrics, path, opt: _Options) -> Path:
+    kl = kl_per_dimension(program, test.images)
+    count, activity = active_units(program, test.images)
+    with torch.no_grad():
+        loc, scale = program.encode(test.images[:4])
+    opt.log(f"active units: {count} of {program.z_dim}")
+    return dims_figure(loc, scale, kl, activity, path, pdf=opt.pdf)
+
+
+@FIGURES.register("curves", "ELBO, expected log-likelihood and KL per epoch, train and test")
+@needs(check=_has_metrics)
+def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
+    density = not getattr(program, "binary_data", True)
+    return curves_figure(metrics, path, density=density, pdf=opt.pdf)
+
+
+KINDS = FIGURES.names()  # the single-run kinds, in the order "all" draws them
+
+
+def draw_figures(
+    kinds: Sequence[str],
+    program,
+    test,
+    metrics: Sequence[dict],
+    out: str | Path,
+    *,
+    method: str = "auto",
+    spherical: bool = False,
+    seed: int = 0,
+    pdf: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Draw the single-run figures ``kinds`` of one trained program into ``out/<kind>.png``.
+
+    This is ``pyro-vae plot RUN --kind KIND`` for every kind in :data:`FIGURES`: the CLI
+    loads the run and its test set, then calls
+    ``draw_figures([args.kind], run.program, test, read_metrics(run.run_dir), out, ...)``.
+
+    :param kinds: names registered in :data:`FIGURES`, or ``["all"]`` for every one of them.
+    :param program: the trained program; each figure asks it for the views it needs
+        (:mod:`pyro_vae.views`).
+    :param test: a :class:`pyro_vae.data.ImageData` (``.images``, ``.labels`` or None,
+        ``.classes`` or None) on the program's device, as the program scores it.
+    :param metrics: the run's per-epoch records (``metrics.jsonl``), for ``curves``.
+    :param method: the latent figure's projection beyond 2-D: ``"auto"`` (PCA) or ``"tsne"``.
+    :param spherical: the interpolation figure adds a panel of slerp paths.
+    :param log: where one-line notes go: ``skipped <kind>: <reason>`` under ``"all"``
+        for a figure this program cannot draw, and ``active units: K of Z`` from ``dims``.
+    :returns: the PNGs written (a PDF beside each when ``pdf``).
+    :raises pyro_vae.views.ViewUnavailable: a kind asked for by name cannot be drawn for
+        this program; nothing is drawn then.
+    :raises ValueError: an unknown kind, or a multi-run kind (use :func:`draw_comparison`).
+    """
+    every = "all" in kinds
+    names = list(FIGURES.names()) if every else list(dict.fromkeys(kinds))
+    for name in names:
+        if name in COMPARISONS:
+            raise ValueError(f"{name!r} compares several runs; draw it with draw_comparison")
+        FIGURES.check(name, "figure kind")
+    todo = []
+    for name in names:
+        reason = FIGURES[name].unavailable(program, test, metrics)
+        if reason is None:
+            todo.append(name)
+        elif every:
+            log(f"skipped {name}: {reason}")
+        else:
+            raise ViewUnavailable(f"cannot draw {name}: {reason}")
+    options = _Options(method=method, spherical=spherical, seed=seed, pdf=pdf, log=log)
+    out = Path(out)
+    return [FIGURES[name].draw(program, test, metrics, out / f"{name}.png", options) for name in todo]
+
+
+@COMPARISONS.register("comparison", "2-D posterior means of the same test images, one panel per run "
+                                    "(e.g. autoencoder, KL only, VAE)")
+@needs("z_dim", "posterior_mean", check=_two_dimensional)
+def _draw_comparison(named_programs, test, path, pdf) -> Path:
+    panels = [(name, posterior_means(program, test.images)) for name, program in named_programs]
+    circles = all(views.standard_normal_prior(program) for _, program in named_programs)
+    return comparison_figure(panels, test.labels, path, classes=test.classes, prior_circles=circles, pdf=pdf)
+
+
+@COMPARISONS.register("kl-profile", "KL and activity per latent dimension of each run, sorted: posterior collapse")
+@needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
+def _draw_kl_profile(named_programs, test, path, pdf) -> Path:
+    profiles = [(name, kl_per_dimension(program, test.images), active_units(program, test.images)[1])
+                for name, program in named_programs]
+    return kl_profile_figure(profiles, path, pdf=pdf)
+
+
+def draw_comparison(kind: str, named_programs: Sequence[tuple[str, object]], test, out: str | Path, *,
+                    pdf: bool = False) -> Path:
+    """Draw the multi-run figure ``kind`` (:data:`COMPARISONS`) of several programs into ``out/<kind>.png``.
+
+    This is ``pyro-vae plot RUN1 RUN2 ... --kind comparison|kl-profile``: the CLI loads the
+    runs and the first run's test set, names them (``--names``, else
+    :func:`default_run_name` of each run's configuration), then calls
+    ``draw_comparison(args.kind, [(name, run.program), ...], test, out, pdf=args.pdf)``.
+
+    :param named_programs: ``(name, program)`` per run, in legend / panel order.
+    :param test: a :class:`pyro_vae.data.ImageData`, the same images for every run.
+    :raises pyro_vae.views.ViewUnavailable: a program lacks what ``kind`` needs (the
+        message names the run).
+    :raises ValueError: an unknown kind, or no programs.
+    """
+    COMPARISONS.check(kind, "comparison kind")
+    if not named_programs:
+        raise ValueError(f"{kind} needs at least one run")
+    figure = COMPARISONS[kind]
+    for name, program in named_programs:
+        reason = figure.unavailable(program, test)
+        if reason is not None:
+            raise ViewUnavailable(f"cannot draw {kind} of run {name!r}: {reason}")
+    return figure.draw(list(named_programs), test, Path(out) / f"{kind}.png", pdf)
+
+
+def default_run_name(config) -> str:
+    """A run's name in legends and panel titles, from its :class:`pyro_vae.config.RunConfig`.
+
+    ``"Autoencoder (reconstruction only)"`` for the ``ae`` model, ``"KL term only"`` for
+    the ``kl-only`` objective, ``"VAE (ELBO)"`` for the VAE, the family's name for other
+    registered families, and the class name of a program built in code (its
+    :class:`pyro_vae.config.ProgramRecord`); then ``", beta = B"`` and
+    ``", KL warm-up E epochs"`` when the KL term was weighted.
+    """
+    train = config.train
+    if config.registered and config.model.model == "ae":
+        return "Autoencoder (reconstruction only)"  # no KL term, so no KL weight to name
+    if config.registered:
+        name = "VAE" if config.model.model == "vae" else config.model.model
+    else:
+        name = config.model.program.rpartition(":")[2]  # "module:QualName" -> QualName
+    if train.objective == "kl-only":
+        name = "KL term only" if name == "VAE" else f"{name}, KL term only"
+    elif name == "VAE":
+        name = "VAE (ELBO)"
+    if train.beta != 1.0:
+        name += f", beta = {train.beta:g}"
+    if train.kl_warmup_epochs:
+        name += f", KL warm-up {train.kl_warmup_epochs} epochs"
+    return name
+
+
 # -- torchvision grids (pyro-vae sample / reconstruct) ---------------------------------------
 
 
-def save_sample_grid(vae, path: str | Path, num: int = 64, nrow: int = 8, seed: int = 0) -> Path:
+def save_sample_grid(program, path: str | Path, num: int = 64, nrow: int = 8, seed: int = 0) -> Path:
+    """E[x|z] of ``num`` prior draws as one image, ``nrow`` images per row."""
     path = _writable(path)
-    save_image(prior_samples(vae, num, seed).cpu(), path, nrow=nrow, padding=2, pad_value=0.5)
+    save_image(prior_samples(program, num, seed).float().cpu(), path, nrow=nrow, padding=2, pad_value=PAD_VALUE)
     return path
 
 
-def save_reconstruction_grid(vae, images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+def save_reconstruction_grid(program, images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Rows of test images, each row followed by a row of their reconstructions."""
+    views.require(program, "image_shape", purpose="a reconstruction grid")
     path = _writable(path)
     nrow = min(nrow, images.shape[0])
     images = images[: images.shape[0] - images.shape[0] % nrow]  # whole rows only
-    recon = reconstructions(vae, images)
+    recon = reconstructions(program, images)
     rows = []
     for start in range(0, images.shape[0], nrow):
         rows += [images[start : start + nrow], recon[start : start + nrow]]
-    grid = torch.cat(rows).reshape(-1, *vae.image_shape).cpu()
-    save_image(grid, path, nrow=nrow, padding=2, pad_value=0.5)
+    grid = torch.cat(rows).reshape(-1, *program.image_shape).float().cpu()
+    save_image(grid, path, nrow=nrow, padding=2, pad_value=PAD_VALUE)
     return path
 
 
@@ -511,6 +823,20 @@ def figure_size(kind: str, panels: int = 1) -> tuple[float, float]:
     if kind == "comparison":
         return (w * panels, h)
     return (w, h)
+
+
+def _tensor_home(program) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the program's tensors, for latent points made here."""
+    tensors = itertools.chain(program.parameters(), program.buffers()) if isinstance(program, torch.nn.Module) else ()
+    for t in tensors:
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _z_dim_note(program) -> str:
+    z_dim = getattr(program, "z_dim", None)
+    return "" if z_dim is None else f" (z_dim = {z_dim})"
 
 
 def _scatter_codes(ax, xy: torch.Tensor, labels, axis_labels, prior_circles: bool):

@@ -33,6 +33,7 @@ from pyro import poutine
 from pyro.infer.util import zero_grads
 
 from .capture import CapturedLoss
+from .registry import Registry
 
 
 class NonFiniteError(FloatingPointError):
@@ -44,17 +45,18 @@ class SVIEngine:
 
     name = "svi"
 
-    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
+    def __init__(self, program, model, guide, elbo, lr: float, validate: bool = True):
         self.model, self.guide, self.elbo = model, guide, elbo
         self.validate = validate
         self.optim = pyro.optim.Adam({"lr": lr})
         self.svi = pyro.infer.SVI(model, guide, self.optim, loss=elbo)
 
-    def step(self, x, **kwargs) -> torch.Tensor:
+    def step(self, **kwargs) -> torch.Tensor:
+        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``)."""
         # SVI.step, opened up so the gradients can be checked between backward and update
         with poutine.trace(param_only=True) as capture, _non_finite_parameters(), \
                 pyro.validation_enabled(self.validate):
-            loss = self.elbo.loss_and_grads(self.model, self.guide, x, **kwargs)
+            loss = self.elbo.loss_and_grads(self.model, self.guide, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         _raise_if_non_finite(torch.as_tensor(loss), [p.grad for p in params if p.grad is not None])
         self.optim(params)
@@ -76,20 +78,21 @@ class ModuleEngine:
 
     name = "module"
 
-    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
+    def __init__(self, program, model, guide, elbo, lr: float, validate: bool = True):
         self.loss_fn = elbo(model, guide)
         self.validate = validate
-        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.params = [p for p in program.parameters() if p.requires_grad]
         cuda = self.params[0].is_cuda
         self.optim = multi_tensor_adam(self.params, lr)
         self.deferred = cuda  # on CUDA, checks are read later instead of synchronising now
         self.steps = 0
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.params[0].device)
 
-    def step(self, x, **kwargs) -> torch.Tensor:
+    def step(self, **kwargs) -> torch.Tensor:
+        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``)."""
         self.optim.zero_grad(set_to_none=True)
         with _non_finite_parameters(), pyro.validation_enabled(self.validate):
-            loss = self.loss_fn(x, **kwargs)
+            loss = self.loss_fn(**kwargs)
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
@@ -163,9 +166,9 @@ class CapturedEngine(ModuleEngine):
 
     name = "captured"
 
-    def __init__(self, vae, model, guide, elbo, lr: float, validate: bool = True):
-        super().__init__(vae, model, guide, elbo, lr, validate)
-        self.loss_fn = CapturedLoss(self.loss_fn, vae)
+    def __init__(self, program, model, guide, elbo, lr: float, validate: bool = True):
+        super().__init__(program, model, guide, elbo, lr, validate)
+        self.loss_fn = CapturedLoss(self.loss_fn, program)
 
 
 def keep_freed_memory() -> bool:
@@ -193,13 +196,51 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-ENGINES = {"svi": SVIEngine, "module": ModuleEngine, "captured": CapturedEngine}
+ENGINES = Registry("engine")
+ENGINES.add("captured", CapturedEngine, "module, replaying a recording of the ELBO's forward pass (pyro_vae.capture)")
+ENGINES.add("module", ModuleEngine, "the ELBO as a torch module, one fused torch Adam")
+ENGINES.add("svi", SVIEngine, "pyro.infer.SVI with pyro.optim.Adam")
 
 
-def build_engine(name: str, vae, model, guide, elbo, lr: float, validate: bool = True):
-    """The engine ``name``. ``validate=False`` runs the steps with Pyro's validation off:
-    for callers that checked all of the data beforehand (the training loop does)."""
-    try:
-        return ENGINES[name](vae, model, guide, elbo, lr, validate)
-    except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
+def build_engine(name: str, program, model, guide, elbo, lr: float, validate: bool = True):
+    """The engine ``name`` training ``program``'s parameters. ``validate=False`` runs the
+    steps with Pyro's validation off: for callers that checked all of the data beforehand
+    (the training loop does)."""
+    return ENGINES[name](program, model, guide, elbo, lr, validate)
+
+
+class LearnedTensorError(TypeError):
+    """A program holds a learned tensor that some engine would not train or no checkpoint save."""
+
+
+def check_learned_tensors(program, model, guide, engine: str, **kwargs) -> None:
+    """Refuse a program whose learned tensors the engines would treat differently.
+
+    What a run learns is the program's parameters: the ``module`` and ``captured`` engines
+    train ``program.parameters()`` and checkpoints save ``program.state_dict()``, while
+    ``svi`` trains what Pyro's param store sees in the model and guide. So a ``pyro.param``
+    that the module does not own would be trained by ``svi`` alone and saved by none,
+    and a parameter never registered with Pyro (``pyro.module``) would be left untrained
+    by ``svi``. One call of the model and guide on ``kwargs`` (one minibatch) shows which
+    tensors Pyro sees; either mismatch raises :class:`LearnedTensorError` naming the tensor.
+    """
+    with torch.no_grad(), poutine.trace(param_only=True) as params:
+        guide_trace = poutine.trace(guide).get_trace(**kwargs)
+        poutine.replay(model, trace=guide_trace)(**kwargs)
+    seen = {name: site["value"].unconstrained() for name, site in params.trace.nodes.items()}
+    owned = {id(p) for p in program.parameters()}
+    name = type(program).__name__
+    for param_name, tensor in seen.items():
+        if id(tensor) not in owned:
+            raise LearnedTensorError(
+                f"pyro.param({param_name!r}) is not a parameter of the {name} module: the module engines would "
+                "not train it and no checkpoint would save it. Make it an nn.Parameter of the module "
+                f"(self.w = nn.Parameter(...), registered with pyro.module) or a PyroParam of a PyroModule")
+    if engine == "svi":
+        registered = {id(t) for t in seen.values()}
+        for param_name, p in program.named_parameters():
+            if p.requires_grad and id(p) not in registered:
+                raise LearnedTensorError(
+                    f"parameter {param_name!r} of {name} is not registered with Pyro in its model or guide, so "
+                    "engine 'svi' (pyro.infer.SVI) would leave it untrained; register the submodule that owns it "
+                    "with pyro.module(...) in the model or guide, or train with --engine module or captured")

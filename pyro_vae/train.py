@@ -1,53 +1,46 @@
-"""The SVI training loop, run directories, checkpoints and metrics. No argument parsing.
+"""The SVI training loop over any program, and ``train(config)``. No argument parsing.
 
-A run directory holds::
+:func:`fit` trains a program (a :class:`torch.nn.Module` with Pyro ``model`` and
+``guide`` methods, :mod:`pyro_vae.models`) on a data set, writing a run directory
+(:mod:`pyro_vae.runs`) as it goes; :func:`train` builds the registered program and the
+data that a :class:`pyro_vae.config.RunConfig` describes and calls :func:`fit`.
 
-    config.json      the RunConfig, 1:1 with the CLI flags
-    versions.json    python / torch / pyro / pyro_vae versions and the device
-    metrics.jsonl    one JSON object per epoch: train and test ELBO (nats per image), time
-    checkpoint.pt    weights, optimiser state, epoch, RNG states (atomic, safe to load)
-
-Each step is one call of :meth:`pyro.infer.SVI.step` on a minibatch drawn from the
-device-resident training tensor; the model's ``"data"`` plate is told the training-set
-size, so ``loss / N`` estimates the per-image negative ELBO of the whole training set.
+Each step is one call of the chosen engine (:mod:`pyro_vae.steps`) on a minibatch drawn
+from the device-resident training tensor, its labels alongside when the program takes
+``y``; the model's ``"data"`` plate is told the training-set size, so ``loss / N``
+estimates the per-image negative ELBO of the whole training set.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import checkpoint, rng
-from .config import RunConfig
-from .data import ImageData, TrainingSet, binary_test_set, load_data
+from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
+from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
-from .baselines import Autoencoder
+from .models import ProgramCall
 from .objectives import build_elbo, kl_weight, training_program
-from .steps import NonFiniteError, build_engine, keep_freed_memory
-from .vae import VAE, build_vae
+from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, append_jsonl, build_program,
+                   config_from, load_weights, resolve_device, truncate_metrics, versions, write_json)
+from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory
 
-CONFIG_NAME = "config.json"
-VERSIONS_NAME = "versions.json"
-METRICS_NAME = "metrics.jsonl"
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
+CHECK_SEED = 54321  # the noise of the one call that checks the program's learned tensors
 PROGRESS_EVERY = 50  # steps between progress-bar refreshes (the only host syncs of an epoch)
 TRAIN_EVAL_IMAGES = 10_000  # the true train ELBO is measured on this many training images
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (unwritable, or holds another run)."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -92,34 +85,6 @@ class _StopRequests:
         return False
 
 
-@dataclass
-class Run:
-    """A VAE with the configuration it was trained with and where it lives."""
-
-    vae: VAE
-    config: RunConfig
-    run_dir: Path
-    device: torch.device
-    epoch: int  # completed epochs
-
-    @property
-    def model(self):
-        return self.vae.model
-
-    @property
-    def guide(self):
-        return self.vae.guide
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but this machine has no CUDA device; use --device cpu")
-    return device
-
-
 def train(
     config: RunConfig | None,
     run_dir: str | Path,
@@ -128,89 +93,178 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    program: torch.nn.Module | None = None,
 ) -> Run:
-    """Train a VAE by SVI, writing ``run_dir`` as it goes; returns the trained :class:`Run`.
+    """Train the program and data set ``config`` describes, writing ``run_dir``; returns the :class:`Run`.
 
     With ``resume=True`` the configuration and state come from ``run_dir``'s checkpoint;
     ``config`` may then be None, or differ from the stored one in ``train.epochs`` only
-    (to train for longer).
+    (to train for longer). ``program`` replaces the program the configuration describes:
+    for resuming a run of a program built in code that recorded no factory.
     """
     run_dir = Path(run_dir)
-    config, state = _prepare_run_dir(config, run_dir, resume, overwrite)
+    state = None
+    if resume:
+        config, state = _stored_run(config, run_dir)
+    elif config is None:
+        raise ValueError("train() needs a RunConfig unless resume=True")
+    if config.data is None:
+        raise RunDirError(f"{run_dir} was trained on data passed to fit() in code, which its configuration does "
+                          "not describe; resume it in Python with pyro_vae.fit(program, data, RUN, resume=True)")
+    if not resume:
+        _refuse_other_run(run_dir, overwrite)
+    rng.set_seed(config.train.seed)  # the program's initial weights come from the run's seed
+    if program is None:
+        image_shape = state["image_shape"] if state else load_data(config.data, "test", "cpu").image_shape
+        program = build_program(config, image_shape, run_dir)
+    return fit(program, config.data, run_dir, settings=config.train, resume=resume, overwrite=overwrite,
+               progress=progress, log=log, _state=state, _record=config.model, _seeded=True)
+
+
+def fit(
+    program: torch.nn.Module,
+    data: DataConfig | ImageData | torch.Tensor,
+    run_dir: str | Path,
+    *,
+    test: ImageData | torch.Tensor | None = None,
+    settings: TrainConfig | None = None,
+    binarize: str | None = None,
+    factory: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    _state: dict | None = None,
+    _record: ModelConfig | ProgramRecord | None = None,
+    _seeded: bool = False,
+) -> Run:
+    """Train ``program`` by SVI, writing ``run_dir`` as it goes; returns the trained :class:`Run`.
+
+    :param program: a :class:`torch.nn.Module` with Pyro ``model`` and ``guide`` methods
+        (the protocol of :mod:`pyro_vae.models`), owning every learned tensor.
+    :param data: a :class:`~pyro_vae.config.DataConfig` (a registered data set, recorded in
+        the run, binarised when the program's ``binary_data`` says so), or the training
+        images themselves (an :class:`~pyro_vae.data.ImageData` with labels, or a tensor
+        ``(N, C, H, W)``), used as they are unless ``binarize`` is "dynamic" or "fixed".
+    :param test: with images as ``data``, the test images (default: none).
+    :param settings: the :class:`~pyro_vae.config.TrainConfig` (defaults when None).
+    :param factory: ``"package.module:function"`` (or ``"path/file.py:function"``) that
+        returns this program untrained; recorded so every command can load the run.
+    :param resume: continue the run in ``run_dir`` from its checkpoint (pass the same
+        program and data; ``settings`` may differ in ``epochs`` only).
+    """
+    run_dir = Path(run_dir)
+    settings = settings if settings is not None else TrainConfig()
+    record = _record if _record is not None else _program_record(program, factory)
+    data_config = data if isinstance(data, DataConfig) else None
+    config = RunConfig(record, data_config, settings)
+    state = _state
+    if resume and state is None:
+        stored, state = _stored_run(config, run_dir)
+        config = stored
+    elif not resume:
+        _refuse_other_run(run_dir, overwrite)
     cfg = config.train
     device = resolve_device(cfg.device)
+    call = ProgramCall(program)
+    binary = bool(getattr(program, "binary_data", False))
 
-    train_data = load_data(config, "train", device)
-    test_data = binary_test_set(load_data(config, "test", device))
+    if data_config is not None:
+        train_data = load_data(data_config, "train", device)
+        test_data = test_set(load_data(data_config, "test", device), binary)
+        binarize = data_config.binarize if binary else None
+    else:
+        train_data = _as_image_data(data, "data").to(device)
+        test_data = _as_image_data(test, "test").to(device) if test is not None else None
     if cfg.batch_size > len(train_data):
         raise ValueError(
             f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images; "
             "use a smaller --batch-size"
         )
-    training_set = TrainingSet(train_data, config.data.binarize, cfg.seed)
+    training_set = TrainingSet(train_data, binarize, cfg.seed)
+    check_data = getattr(program, "check_data", None)
+    if check_data is not None and test_data is not None:
+        check_data(test_data.images, "the test images")
+    needs_weight = cfg.beta != 1 or cfg.kl_warmup_epochs > 0
+    call.kwargs({"x": train_data.images[:1]}, num_data=1, kl_weight=0.5 if needs_weight else 1.0)
 
-    rng.set_seed(cfg.seed)
-    vae = build_run_model(config, train_data.image_shape).to(device)
+    if not _seeded:  # (train() seeded before it built the program, and the stream goes on from there)
+        rng.set_seed(cfg.seed)
+    program = program.to(device)
     if state is not None:
-        _check_compatible(state, config, run_dir)
-        _load_weights(vae, state, run_dir)
+        _check_resumable(state, config, run_dir)
+        load_weights(program, state, run_dir)
         rng.set_state(state["rng"])
-        _truncate_metrics(run_dir / METRICS_NAME, state["epoch"])
-        at = state["position"]
-        where = f"epoch {at['epoch'] + 1}, step {at['step']}" if at["step"] else f"epoch {at['epoch']}"
-        log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
-    else:
-        _write_json(run_dir / CONFIG_NAME, config.to_dict())
-        _write_json(run_dir / VERSIONS_NAME, versions(device))
-        (run_dir / METRICS_NAME).write_text("")
-
+        truncate_metrics(run_dir / METRICS_NAME, state["epoch"])
     n = len(training_set)
     num_steps = math.ceil(n / cfg.batch_size)
-    model, guide = training_program(vae, cfg.objective)
-    # Each epoch's data is checked whole before its steps (below), so the steps run with
-    # Pyro's validation off: per step it would re-check the same pixels, and on CUDA
-    # every check is a host synchronisation.
-    engine = build_engine(cfg.engine, vae, model, guide, build_elbo(cfg.elbo, cfg.num_particles), cfg.lr,
-                          validate=False)
+    if state is not None and state["epoch"] >= cfg.epochs:
+        log(f"{run_dir} has finished its {state['epoch']} epochs; there is nothing to train. To train longer: "
+            f"pyro-vae train --resume {run_dir} --epochs N (N > {state['epoch']})")
+        return Run(program, config, run_dir, device, state["epoch"])
+
+    model, guide = training_program(program, cfg.objective)
+    # With the program's own data check, each epoch's data is checked whole before its
+    # steps, so the steps run with Pyro's validation off: per step it would re-check the
+    # same pixels, and on CUDA every check is a host synchronisation.
+    validate = is_validation_enabled() if check_data is None else False
+    if validate:
+        log(f"note: {type(program).__name__} has no check_data(x), so every step runs with Pyro's validation on "
+            "(and eagerly); define check_data to check each epoch's data once instead")
+    engine = build_engine(cfg.engine, program, model, guide, build_elbo(cfg.estimator, cfg.num_particles), cfg.lr,
+                          validate=validate)
     if device.type == "cpu":
         keep_freed_memory()
     position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
     if state is not None:
         engine.load_state_dict(state["optim"])
         position = state["position"]
+        at = position
+        where = f"epoch {at['epoch'] + 1}, step {at['step']}" if at["step"] else f"epoch {at['epoch']}"
+        log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
 
-    def save_checkpoint(position):
-        engine.check()  # never save a state that a deferred check would reject
-        payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
-                   "model": vae.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
-                   "image_shape": list(train_data.image_shape)}
-        checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
+    def batch_of(images, labels, idx, weight):
+        tensors = {"x": images[idx], "y": None if labels is None else labels[idx]}
+        return call.kwargs(tensors, num_data=n, kl_weight=weight)
 
     with pyro.get_param_store().scope(), _StopRequests() as stop:
+        with rng.forked_rng(CHECK_SEED):
+            first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
+            check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
+        if state is None:
+            _make_run_dir(run_dir)
+            write_json(run_dir / CONFIG_NAME, config.to_dict())
+            write_json(run_dir / VERSIONS_NAME, versions(device))
+            (run_dir / METRICS_NAME).write_text("")
+
+        def save_checkpoint(position):
+            engine.check()  # never save a state that a deferred check would reject
+            payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
+                       "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
+                       "image_shape": list(train_data.image_shape)}
+            checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
+
         for epoch in range(position["epoch"], cfg.epochs):
             first = position["step"] if epoch == position["epoch"] else 0
             loss_sum = torch.tensor(position["loss_sum"] if first else 0.0, dtype=torch.float64, device=device)
             seconds = position["seconds"] if first else 0.0
             t0 = time.perf_counter()
-            images = training_set.images(epoch)
+            images, labels = training_set.images(epoch), training_set.labels
             perm = training_set.permutation(epoch)
-            vae.likelihood.check_data(images, f"the training images of epoch {epoch + 1}")
+            if check_data is not None:
+                check_data(images, f"the training images of epoch {epoch + 1}")
             bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress, file=sys.stderr, mininterval=0.5)
             for step in range(first, num_steps):
-                weight = _kl_weight(cfg, epoch + (step + 1) / num_steps)
+                weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 try:
-                    loss_sum += engine.step(images[idx], num_data=n, kl_weight=weight)
+                    loss_sum += engine.step(**batch_of(images, labels, idx, weight))
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
                 except NonFiniteError as err:
-                    raise TrainingDivergedError(
-                        f"training stopped at epoch {epoch + 1}, step {step + 1}: {err}. Nothing of this epoch "
-                        f"was saved; the checkpoint in {run_dir} (after epoch {epoch}) is intact. "
-                        "Lower --lr, or check the data"
-                    ) from None
+                    raise TrainingDivergedError(_divergence_message(err, epoch, step, run_dir)) from None
                 bar.update()
                 if stop.signum is not None:
                     bar.close()
@@ -224,124 +278,114 @@ def train(
                     )
             bar.close()
             seconds += time.perf_counter() - t0
+            weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + 1)  # the weight of the epoch's last step
             record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight}
             engine.check()
-            record.update(epoch_metrics(vae, "train", images[:TRAIN_EVAL_IMAGES], cfg))
-            record.update(epoch_metrics(vae, "test", test_data.images, cfg))
+            record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
+                                        None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg))
+            if test_data is not None:
+                record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
             record["seconds"] = seconds
-            _append_jsonl(run_dir / METRICS_NAME, record)
+            append_jsonl(run_dir / METRICS_NAME, record)
             save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
-            log(_epoch_line(record, cfg))
-    return Run(vae, config, run_dir, device, cfg.epochs)
+            log(_epoch_line(record, cfg, program))
+    return Run(program, config, run_dir, device, cfg.epochs)
 
 
-def build_run_model(config: RunConfig, image_shape) -> VAE:
-    """The network a run trains: a :class:`VAE`, or the :class:`Autoencoder` baseline."""
-    klass = Autoencoder if config.train.objective == "autoencoder" else VAE
-    return build_vae(config.model, image_shape, klass)
-
-
-def _kl_weight(cfg, progress: float) -> float:
-    if cfg.objective == "autoencoder":
-        return 0.0
-    return kl_weight(cfg.beta, cfg.kl_warmup_epochs, progress)
-
-
-def epoch_metrics(vae: VAE, split: str, images: torch.Tensor, cfg) -> dict[str, float]:
+def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg) -> dict[str, float]:
     """The true ELBO (KL weight 1, whatever the training objective) and its two terms,
-    in nats per image, at a fixed evaluation seed. The autoencoder, whose guide is a point
-    mass, has no ELBO: only its reconstruction term is reported."""
+    in nats per image, at a fixed evaluation seed. A program whose guide is a point mass
+    (the autoencoder) has no ELBO: only its reconstruction term is reported."""
+    labels = labels if ProgramCall(program).takes["y"] else None
     with pyro.get_param_store().scope():
-        terms = elbo_terms(vae.model, vae.guide, images, cfg.eval_batch_size, seed=EVAL_SEED)
-    if cfg.objective == "autoencoder":
+        terms = elbo_terms(program.model, program.guide, images, cfg.eval_batch_size, seed=EVAL_SEED, labels=labels)
+    if getattr(program, "point_estimate", False):
         terms = {"log_lik": terms["log_lik"]}
     return {f"{split}_{k}": Estimate.of(v).mean for k, v in terms.items()}
 
 
-def _epoch_line(record: dict, cfg) -> str:
+def _epoch_line(record: dict, cfg, program) -> str:
     parts = [f"epoch {record['epoch']:>3}/{cfg.epochs}"]
     for split in ("train", "test"):
         if f"{split}_elbo" in record:
             parts.append(f"{split} elbo {record[f'{split}_elbo']:9.3f}")
-    parts.append(f"(test log-lik {record['test_log_lik']:9.3f}")
-    if "test_kl" in record:
-        parts[-1] += f", kl {record['test_kl']:7.3f}"
+    split = "test" if "test_log_lik" in record else "train"
+    parts.append(f"({split} log-lik {record[f'{split}_log_lik']:9.3f}")
+    if f"{split}_kl" in record:
+        parts[-1] += f", kl {record[f'{split}_kl']:7.3f}"
     parts[-1] += ")"
-    if record["kl_weight"] != 1.0 or cfg.objective != "elbo":
+    if (record["kl_weight"] != 1.0 or cfg.objective != "elbo") and not getattr(program, "point_estimate", False):
         parts.append(f"objective {record['train_objective']:9.3f} at kl weight {record['kl_weight']:.3g}")
     parts.append(f"{record['seconds']:6.1f}s")
     return "  ".join(parts)
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> Run:
-    """The trained model of ``run_dir`` (its latest checkpoint), on ``device``."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} is not a run directory (it does not exist)")
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
-    checkpoint.require(state, ("config", "model", "image_shape", "epoch"), run_dir / checkpoint.CHECKPOINT_NAME)
-    config = _config_from(state, run_dir)
-    dev = resolve_device(device)
-    vae = build_run_model(config, state["image_shape"])
-    _load_weights(vae, state, run_dir)
-    return Run(vae.to(dev).eval(), config, run_dir, dev, state["epoch"])
+def _divergence_message(err, epoch: int, step: int, run_dir: Path) -> str:
+    where = f"training stopped at epoch {epoch + 1}, step {step + 1}: {err}. Nothing of this epoch was saved"
+    if epoch == 0:
+        return (f"{where}, and no epoch had finished, so {run_dir} holds no checkpoint; start again (the folder "
+                "can be reused as it is) with a lower --lr, or check the data")
+    return f"{where}; the checkpoint in {run_dir} (after epoch {epoch}) is intact. Lower --lr, or check the data"
 
 
-def load_config(run_dir: str | Path) -> RunConfig:
-    """The configuration stored in ``run_dir``'s checkpoint."""
-    run_dir = Path(run_dir)
-    return _config_from(checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME), run_dir)
+def _program_record(program, factory: str | None) -> ModelConfig | ProgramRecord:
+    """What a run of ``program`` records as its model: the registered configuration it was
+    built from, or the class and the factory that rebuilds it."""
+    config = getattr(program, "model_config", None)
+    if isinstance(config, ModelConfig) and factory is None:
+        return config
+    likelihood = getattr(getattr(program, "likelihood", None), "name", None)
+    klass = type(program)
+    return ProgramRecord(f"{klass.__module__}:{klass.__qualname__}", factory, likelihood)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def versions(device: torch.device) -> dict[str, str]:
-    import torchvision
-
-    from . import __version__
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pyro": pyro.__version__,
-        "pyro_vae": __version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def _as_image_data(data, what: str) -> ImageData:
+    if isinstance(data, ImageData):
+        return data
+    if isinstance(data, torch.Tensor):
+        return ImageData(data, None, binary=False)
+    raise TypeError(f"{what} must be a DataConfig, an ImageData or a tensor of images (N, C, H, W), "
+                    f"got {type(data).__name__}")
 
 
 # -- run-directory bookkeeping ---------------------------------------------------------
 
 
-def _prepare_run_dir(config, run_dir: Path, resume: bool, overwrite: bool):
-    state = None
-    if resume:
-        if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
-            raise RunDirError(f"cannot resume: {run_dir} holds no checkpoint ({checkpoint.CHECKPOINT_NAME})")
-        state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
-        checkpoint.require(state, ("config", "model", "image_shape", "epoch", "position", "optim", "rng"),
-                           run_dir / checkpoint.CHECKPOINT_NAME)
-        stored = _config_from(state, run_dir)
-        if config is not None and replace(config, train=replace(config.train, epochs=stored.train.epochs)) != stored:
+def _stored_run(config: RunConfig | None, run_dir: Path):
+    """The stored configuration and checkpoint of a run to resume; ``config``, when given,
+    may differ from the stored one in the number of epochs only."""
+    if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
+        raise RunDirError(f"cannot resume: {run_dir} holds no checkpoint ({checkpoint.CHECKPOINT_NAME})")
+    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+    checkpoint.require(state, ("config", "model", "image_shape", "epoch", "position", "optim", "rng"),
+                       run_dir / checkpoint.CHECKPOINT_NAME)
+    stored = config_from(state, run_dir)
+    if config is not None:
+        asked = replace(config, train=replace(config.train, epochs=stored.train.epochs))
+        if asked != stored:
             raise RunDirError(
                 f"cannot resume {run_dir} with a different configuration; only the number of epochs may change. "
                 f"Stored: {stored.to_dict()}"
             )
-        if config is not None:
-            stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
-        config = stored
-    elif config is None:
-        raise ValueError("train() needs a RunConfig unless resume=True")
-    elif (run_dir / CONFIG_NAME).exists() and not overwrite:
+        stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
+    return stored, state
+
+
+def _refuse_other_run(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds another run, unless ``overwrite``; before any data loads.
+
+    A folder whose run never finished an epoch (a configuration, no checkpoint) holds
+    nothing to lose, and is reused without ``overwrite``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a folder; choose another --out")
+    if (run_dir / CONFIG_NAME).exists() and (run_dir / checkpoint.CHECKPOINT_NAME).exists() and not overwrite:
         raise RunDirError(
             f"{run_dir} already holds a run; resume it (--resume), choose another --out, or pass --overwrite"
         )
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the folder of a new run, or clear the files of the run it replaces."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -350,44 +394,11 @@ def _prepare_run_dir(config, run_dir: Path, resume: bool, overwrite: bool):
     except OSError as err:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {err.strerror or err}; "
                           "choose a writable --out") from err
-    if not resume:
-        for name in (checkpoint.CHECKPOINT_NAME, METRICS_NAME):
-            (run_dir / name).unlink(missing_ok=True)
-    return config, state
+    for name in (checkpoint.CHECKPOINT_NAME, METRICS_NAME):
+        (run_dir / name).unlink(missing_ok=True)
 
 
-def _config_from(state: dict, run_dir: Path) -> RunConfig:
-    try:
-        return RunConfig.from_dict(state["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise checkpoint.CheckpointError(f"the checkpoint in {run_dir} has an unusable configuration: {err}") from err
-
-
-def _check_compatible(state: dict, config: RunConfig, run_dir: Path) -> None:
+def _check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
     if state["epoch"] > config.train.epochs:
-        raise RunDirError(f"{run_dir} already finished {state['epoch']} epochs; ask for more with --epochs")
-
-
-def _load_weights(vae: VAE, state: dict, run_dir: Path) -> None:
-    try:
-        vae.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as err:
-        raise checkpoint.CheckpointError(
-            f"the weights in {run_dir} do not fit the network its configuration describes: {err}"
-        ) from err
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop lines of epochs after ``epoch`` (written before a crash beat the checkpoint)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in keep))
+        raise RunDirError(f"{run_dir} already finished {state['epoch']} epochs, more than the {config.train.epochs} "
+                          f"asked for; ask for at least {state['epoch']} with --epochs")

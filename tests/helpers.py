@@ -2,7 +2,7 @@
 
 import torch
 
-from pyro_vae.vae import VAE
+from pyro_vae.models.vae import VAE
 from pyro_vae.networks import MLPDecoder, MLPEncoder
 
 

@@ -4,12 +4,11 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.baselines import Autoencoder
 from pyro_vae.capture import CapturedLoss, CaptureError
 from pyro_vae.config import ModelConfig
 from pyro_vae.objectives import build_elbo, kl_weight, training_program
 from pyro_vae.steps import build_engine
-from pyro_vae.vae import build_vae
+from pyro_vae.models import build_model as build_vae
 
 from helpers import random_binary
 from test_objectives import HostReads
@@ -18,7 +17,7 @@ CASES = {
     "elbo": dict(),
     "kl warm-up": dict(warmup=True),  # a new KL weight at every step, a tensor input of one graph
     "beta 4": dict(weight=4.0),
-    "autoencoder": dict(klass=Autoencoder, weight=0.0),
+    "autoencoder": dict(model="ae"),
     "kl-only": dict(objective="kl-only"),
     "meanfield": dict(elbo="meanfield"),
     "3 particles": dict(particles=3),
@@ -26,12 +25,12 @@ CASES = {
 }
 
 
-def train_steps(engine_name, steps=12, warmup=False, weight=1.0, klass=None, objective="elbo", elbo="trace",
+def train_steps(engine_name, steps=12, warmup=False, weight=1.0, model="vae", objective="elbo", elbo="trace",
                 particles=1, network="mlp", batches=(16, 16, 16, 8)):
     """``steps`` seeded steps over batches of the given sizes (an epoch's short last batch too)."""
     pyro.clear_param_store()
     torch.manual_seed(0)
-    vae = build_vae(ModelConfig(z_dim=3, hidden_dims=(24,), network=network), (1, 28, 28), klass)
+    vae = build_vae(ModelConfig(model=model, z_dim=3, hidden_dims=(24,), network=network), (1, 28, 28))
     model, guide = training_program(vae, objective)
     engine = build_engine(engine_name, vae, model, guide, build_elbo(elbo, particles), 1e-2, validate=False)
     data = random_binary(sum(batches), (1, 28, 28), torch.float32)
@@ -43,7 +42,7 @@ def train_steps(engine_name, steps=12, warmup=False, weight=1.0, klass=None, obj
             j = i % len(batches)
             w = kl_weight(1.0, 5, i / 8) if warmup else weight
             x = data[starts[j] : starts[j] + batches[j]]
-            losses.append(engine.step(x, num_data=56, kl_weight=w))
+            losses.append(engine.step(x=x, num_data=56, kl_weight=w))
         engine.check()
     return vae, torch.stack(losses), engine
 
@@ -61,11 +60,12 @@ def test_captured_steps_are_the_eager_steps_bit_for_bit(case):
 
 def test_one_recording_per_batch_shape_and_kind_of_kl_weight():
     _, _, engine = train_steps("captured", steps=12, warmup=True)
-    kinds = sorted((key[0][0], dict(key[3])["kl_weight"]) for key in engine.loss_fn.graphs)
+    # a key: ((name, shape, dtype, device) of each batch tensor, the other arguments)
+    kinds = sorted((key[0][0][1][0], dict(key[1])["kl_weight"]) for key in engine.loss_fn.graphs)
     # batches of 16 and of 8; the warm-up's weights all travel as one tensor input
     assert kinds == [(8, "tensor"), (16, "tensor")]
     _, _, engine = train_steps("captured", steps=6, weight=1.0)
-    assert len(engine.loss_fn.graphs) == 2 and all(dict(k[3])["kl_weight"] == 1.0 for k in engine.loss_fn.graphs)
+    assert len(engine.loss_fn.graphs) == 2 and all(dict(k[1])["kl_weight"] == 1.0 for k in engine.loss_fn.graphs)
 
 
 def test_validation_runs_the_loss_eagerly():
@@ -74,11 +74,11 @@ def test_validation_runs_the_loss_eagerly():
     x = random_binary(4, (1, 28, 28), torch.float32)
     with pyro.validation_enabled(True):
         for _ in range(3):
-            loss(x, num_data=10)
+            loss(x=x, num_data=10)
         x_grey = x.clone()
         x_grey[0, 0, 0, 0] = 0.5
         with pytest.raises(ValueError, match="not 0 or 1"):
-            loss(x_grey, num_data=10)  # the data check still runs
+            loss(x=x_grey, num_data=10)  # the data check still runs
     assert not loss.graphs
 
 
@@ -102,17 +102,17 @@ def test_a_value_dependent_program_runs_eagerly_with_a_warning():
     eager = build_elbo()(net.model, net.guide)
     loss = CapturedLoss(eager, net)
     with pyro.validation_enabled(False):
-        loss(x, num_data=10)
+        loss(x=x, num_data=10)
         with pytest.warns(RuntimeWarning, match="running them eagerly"):
             pyro.set_rng_seed(2)
-            a = loss(x, num_data=10)
+            a = loss(x=x, num_data=10)
         pyro.set_rng_seed(2)
         assert torch.equal(a, eager(x, num_data=10))
         assert loss.eager_reason and not loss.graphs
         strict = CapturedLoss(eager, net, strict=True)
-        strict(x, num_data=10)
+        strict(x=x, num_data=10)
         with pytest.raises(CaptureError, match="could not record"):
-            strict(x, num_data=10)
+            strict(x=x, num_data=10)
 
 
 @pytest.mark.parametrize("engine", ["module", "captured"])
@@ -123,10 +123,10 @@ def test_steps_read_nothing_back_when_checks_are_deferred(engine):
     eng.deferred = True  # as on CUDA
     x = random_binary(8, (1, 28, 28), torch.float32)
     with pyro.get_param_store().scope():
-        eng.step(x, num_data=20)  # the first step registers the networks with Pyro
+        eng.step(x=x, num_data=20)  # the first step registers the networks with Pyro
         with HostReads() as reads:
             for _ in range(3):
-                eng.step(x, num_data=20, kl_weight=0.5)
+                eng.step(x=x, num_data=20, kl_weight=0.5)
         assert reads.count == 0
         eng.check()
 
@@ -138,10 +138,10 @@ def test_a_network_with_hooks_runs_eagerly_so_the_hooks_run():
     loss = CapturedLoss(build_elbo()(vae.model, vae.guide), vae)
     x = random_binary(4, (1, 28, 28), torch.float32)
     with pyro.validation_enabled(False):
-        loss(x, num_data=10)
+        loss(x=x, num_data=10)
         with pytest.warns(RuntimeWarning, match="decoder have hooks"):
-            loss(x, num_data=10)
-        loss(x, num_data=10)
+            loss(x=x, num_data=10)
+        loss(x=x, num_data=10)
     assert len(calls) == 3 and not loss.graphs
 
 
@@ -152,13 +152,13 @@ def test_a_replayed_step_with_nan_parameters_stops_before_the_update():
     engine = build_engine("captured", vae, vae.model, vae.guide, build_elbo(), 1e-2, validate=False)
     x = random_binary(8, (1, 28, 28), torch.float32)
     with pyro.get_param_store().scope():
-        engine.step(x, num_data=20)
-        engine.step(x, num_data=20)
+        engine.step(x=x, num_data=20)
+        engine.step(x=x, num_data=20)
         assert engine.loss_fn.graphs  # the second step replayed
         with torch.no_grad():
             vae.decoder.net[0].weight[0, 0] = float("nan")
         before = [p.detach().clone() for p in vae.parameters()]
         with pytest.raises(NonFiniteError, match="the loss is nan"):
-            engine.step(x, num_data=20)
+            engine.step(x=x, num_data=20)
     for p, q in zip(before, vae.parameters()):
         assert torch.equal(p.nan_to_num(), q.nan_to_num())  # not moved (the NaN compared as 0)

@@ -69,7 +69,8 @@ def test_foreign_and_future_checkpoints(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(tmp_path, data_dir):
-    from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig, load_run, train
+    from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig, load_run
+    from pyro_vae.train import train
 
     cfg = RunConfig(ModelConfig(z_dim=3, hidden_dims=(16,)),
                     DataConfig(data_dir=str(data_dir), train_limit=200, test_limit=50),
@@ -79,5 +80,5 @@ def test_checkpoint_of_another_architecture(tmp_path, data_dir):
     state["config"]["model"]["z_dim"] = 5  # the stored weights have z_dim 3
     del state["format_version"]
     checkpoint.save(state, run.run_dir / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="do not fit the network"):
+    with pytest.raises(CheckpointError, match="do not fit the program"):
         load_run(run.run_dir)

@@ -23,11 +23,11 @@ def run_dir(tmp_path_factory, data_dir):
 
 def test_flags_map_onto_config_fields():
     args = build_parser().parse_args(["train", "--z-dim", "3", "--hidden-dims", "10", "20", "--lr", "0.01",
-                                      "--elbo", "meanfield", "--binarize", "fixed", "--no-download",
+                                      "--estimator", "meanfield", "--binarize", "fixed", "--no-download",
                                       "--beta", "2.5", "--kl-warmup-epochs", "4"])
     cfg = config_from_args(args)
     assert cfg.model.z_dim == 3 and cfg.model.hidden_dims == (10, 20)
-    assert cfg.train.lr == 0.01 and cfg.train.elbo == "meanfield" and cfg.train.beta == 2.5
+    assert cfg.train.lr == 0.01 and cfg.train.estimator == "meanfield" and cfg.train.beta == 2.5
     assert cfg.train.kl_warmup_epochs == 4
     assert cfg.data.binarize == "fixed" and cfg.data.download is False
     assert config_from_args(build_parser().parse_args(["train"])) == type(cfg)()
@@ -94,11 +94,18 @@ def test_console_script_end_to_end(tmp_path, data_dir):
     [
         (["train", "--epochs", "0"], "expected a positive integer"),
         (["train", "--batch-size", "-3"], "expected a positive integer"),
-        (["train", "--elbo", "renyi"], "elbo must be 'trace' or 'meanfield'"),
-        (["train", "--lr", "-1"], "lr must be positive"),
-        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'; choose one of mnist, fashion-mnist, binarized-mnist"),
-        (["train", "--beta", "-2"], "beta must be a non-negative number"),
-        (["train", "--objective", "gan"], "objective must be one of elbo, autoencoder, kl-only"),
+        (["train", "--estimator", "renyi"], "argument --estimator: invalid choice: 'renyi'"),
+        (["train", "--lr", "-1"], "argument --lr: expected a number >= 0, got -1"),
+        (["train", "--lr", "0"], "lr must be positive"),
+        (["train", "--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
+        (["train", "--beta", "-2"], "argument --beta: expected a number >= 0, got -2"),
+        (["train", "--objective", "gan"], "argument --objective: invalid choice: 'gan'"),
+        (["train", "--objective", "autoencoder"], "invalid choice: 'autoencoder'"),
+        (["train", "--likelihood", "poisson"], "argument --likelihood: invalid choice: 'poisson'"),
+        (["train", "--activation", "swish"], "argument --activation: invalid choice: 'swish'"),
+        (["train", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+        (["train", "--train-limit", "some"], "argument --train-limit: expected an integer or 'all', got 'some'"),
+        (["evaluate", "run", "--num-samples", "-5"], "argument --num-samples: expected an integer >= 0, got -5"),
     ],
 )
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
@@ -154,3 +161,92 @@ def test_cuda_asked_for_without_cuda(tmp_path, data_dir, capsys):
         pytest.skip("this machine has CUDA")
     code = main(["train", *SMALL[:-3], "--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
     assert code == 1 and "no CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+# -- the CLI takes its own defaults back ---------------------------------------------------
+
+
+def _train_flags():
+    import dataclasses
+
+    from pyro_vae.config import SECTIONS
+
+    return [(section, f) for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)]
+
+
+@pytest.mark.parametrize("section,field", _train_flags(), ids=lambda v: getattr(v, "name", v))
+def test_passing_a_default_back_gives_the_default_configuration(section, field):
+    from pyro_vae.cli import config_to_argv
+    from pyro_vae.config import RunConfig
+
+    default = RunConfig()
+    argv = config_to_argv(default)
+    flag = "--" + field.name.replace("_", "-")
+    # this field's own flag(s) as config_to_argv spells the default, alone on the command line
+    start = next((i for i, a in enumerate(argv) if a in (flag, "--no-" + field.name.replace("_", "-"))), None)
+    if start is None:
+        assert getattr(getattr(default, section), field.name) is None and not field.metadata["none_word"]
+        pytest.skip(f"{flag} has no spelling of its default (None: {field.metadata['help']})")
+    end = start + 1
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    args = build_parser().parse_args(["train", *argv[start:end]])
+    assert config_from_args(args) == default
+
+
+def test_config_json_turned_back_into_flags_gives_the_same_configuration(run_dir):
+    from pyro_vae.cli import config_to_argv
+    from pyro_vae.config import RunConfig
+
+    stored = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    assert stored != RunConfig()  # the run's settings are not the defaults
+    again = config_from_args(build_parser().parse_args(["train", *config_to_argv(stored)]))
+    assert again == stored
+
+
+def test_zero_is_accepted_where_it_is_the_default():
+    cfg = config_from_args(build_parser().parse_args(["train", "--seed", "0", "--kl-warmup-epochs", "0"]))
+    assert cfg.train.seed == 0 and cfg.train.kl_warmup_epochs == 0
+
+
+def test_help_shows_metavars_as_users_type_them(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--seed SEED" in out and "--z-dim Z_DIM" in out and "--hidden-dims N [N ...]" in out
+    assert "TRAIN." not in out and "MODEL." not in out
+    # choices and their meanings come from the registries
+    assert "continuous-bernoulli" in out and "captured:" in out and "frey" in out
+
+
+# -- what a newcomer hits ----------------------------------------------------------------
+
+
+def test_out_beside_resume_is_an_error(run_dir, tmp_path, capsys):
+    assert main(["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere")]) == 1
+    assert "drop --out" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_resume_of_a_finished_run_says_how_to_train_longer(run_dir, capsys):
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "has finished its 1 epochs" in out and f"--resume {run_dir} --epochs" in out
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_unknown_likelihood_leaves_no_run_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--likelihood", "poisson", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint_and_the_folder_is_reusable(
+        tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--data-dir", str(data_dir), "--out", str(out)]
+    assert main([*argv, "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "no epoch had finished" in err and "holds no checkpoint" in err and "after epoch 0" not in err
+    assert main(argv) == 0  # the same folder, without --overwrite

@@ -136,3 +136,34 @@ def test_kl_weight_scales_only_the_kl_part():
     for w in (0.5, 4.0):
         assert at[w] == pytest.approx(log_lik + w * log_ratio, rel=1e-12)
     assert at[1.0] == pytest.approx(hand_elbo(vae, x, z).sum().item(), rel=1e-12)
+
+
+def test_guide_sites_the_model_lacks_count_as_auxiliary_not_as_errors():
+    """An autoguide-style auxiliary site ("w", in the guide only) adds its log q to the KL term."""
+    import pyro.distributions as dist
+
+    from pyro_vae.evaluate import elbo_terms
+    from pyro_vae.rng import forked_rng
+
+    loc, scale = torch.tensor([0.3, -1.0], dtype=torch.float64), torch.tensor([0.5, 2.0], dtype=torch.float64)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(()), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+            pyro.sample("z", dist.Normal(loc, scale))
+
+    x = torch.tensor([0.1, 2.0], dtype=torch.float64)
+    terms = elbo_terms(model, guide, x, seed=3)
+    with forked_rng(3):  # the same draws, by hand
+        w = torch.randn(2, dtype=torch.float64)
+        z = loc + scale * torch.randn(2, dtype=torch.float64)
+    kl_z = -torch.log(scale) + 0.5 * (scale ** 2 + loc ** 2 - 1)
+    log_q_w = -0.5 * w ** 2 - 0.5 * math.log(2 * math.pi)
+    assert torch.allclose(terms["kl"], kl_z + log_q_w, rtol=1e-10)
+    log_lik = -0.5 * (x - z) ** 2 - 0.5 * math.log(2 * math.pi)
+    assert torch.allclose(terms["log_lik"], log_lik, rtol=1e-10)

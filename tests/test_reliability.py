@@ -12,10 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig, checkpoint, load_run, train
-from pyro_vae.train import TrainingDivergedError, read_metrics
+from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig, checkpoint, load_run
+from pyro_vae.train import train
+from pyro_vae.runs import read_metrics
+from pyro_vae.train import TrainingDivergedError
 
-train_module = sys.modules["pyro_vae.train"]  # the module (pyro_vae.train is also the function)
+from pyro_vae.models import build_model
 
 # the NaN tests make Pyro warn about the NaN they inject
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -23,14 +25,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
 EPOCHS = 5
 FLAGS = ["--train-limit", "2000", "--test-limit", "100", "--batch-size", "50", "--z-dim", "20",
          "--hidden-dims", "300", "--eval-batch-size", "500", "--device", "cpu", "--no-progress"]
+# the default VAE, and another model and likelihood on another data set: the guarantees
+# belong to the loop, not to one program
+FLAVOURS = {
+    "vae-bernoulli": {},
+    "ae-gaussian": {"model": "ae", "likelihood": "gaussian", "dataset": "fashion-mnist"},
+}
 
 
-def config(data_dir, **train_kw):
+def config(data_dir, flavour="vae-bernoulli", **train_kw):
+    extra = FLAVOURS[flavour]
     return RunConfig(
-        ModelConfig(z_dim=20, hidden_dims=(300,)),
-        DataConfig(data_dir=str(data_dir), train_limit=2000, test_limit=100),
+        ModelConfig(z_dim=20, hidden_dims=(300,), **{k: v for k, v in extra.items() if k != "dataset"}),
+        DataConfig(data_dir=str(data_dir), train_limit=2000, test_limit=100, dataset=extra.get("dataset", "mnist")),
         TrainConfig(**{"epochs": EPOCHS, "batch_size": 50, "eval_batch_size": 500, "device": "cpu", **train_kw}),
     )
+
+
+def flags(flavour):
+    return [*FLAGS, *(a for k, v in FLAVOURS[flavour].items() for a in ("--" + k, v))]
 
 
 def start(args, data_dir):
@@ -50,26 +63,32 @@ def wait_for_epochs(run_dir, k, proc, timeout=120):
     return False
 
 
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def flavour(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(tmp_path_factory, data_dir, flavour):
     """The uninterrupted run that every interrupted one must reproduce exactly."""
-    run = train(config(data_dir), tmp_path_factory.mktemp("ref") / "run", progress=False, log=lambda s: None)
-    return run.vae.state_dict()
+    run = train(config(data_dir, flavour), tmp_path_factory.mktemp("ref") / "run", progress=False,
+                log=lambda s: None)
+    return run.program.state_dict()
 
 
 def assert_same_parameters(run_dir, reference):
     final = load_run(run_dir, device="cpu")
     assert final.epoch == EPOCHS
-    for name, value in final.vae.state_dict().items():
+    for name, value in final.program.state_dict().items():
         assert torch.equal(value, reference[name]), name
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, data_dir, reference):
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, data_dir, reference, flavour):
     run_dir = tmp_path / "run"
     rnd = random.Random(1234)
     kills = 0
-    proc = start([*FLAGS, "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
+    proc = start([*flags(flavour), "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
     for k in (1, 2, 4):  # kill somewhere inside epoch k + 1 (or while its checkpoint is written)
         assert wait_for_epochs(run_dir, k, proc), proc.communicate()
         time.sleep(rnd.uniform(0.0, 0.4))
@@ -89,9 +108,9 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, data_dir, refe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_graceful_interrupt_saves_the_step_and_resumes_exactly(tmp_path, data_dir, reference, sig):
+def test_graceful_interrupt_saves_the_step_and_resumes_exactly(tmp_path, data_dir, reference, flavour, sig):
     run_dir = tmp_path / "run"
-    proc = start([*FLAGS, "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
+    proc = start([*flags(flavour), "--epochs", str(EPOCHS), "--out", str(run_dir)], data_dir)
     assert wait_for_epochs(run_dir, 1, proc)
     time.sleep(0.1)
     proc.send_signal(sig)
@@ -141,22 +160,14 @@ class PoisonAfter:
 @pytest.mark.filterwarnings("ignore:pyro_vae. the model and guide could not be recorded")  # the hook, for captured
 @pytest.mark.parametrize("engine", ["svi", "module", "captured"])
 @pytest.mark.parametrize("where", ["output", "gradient"])
-def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, engine, where):
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, engine, where):
     cfg = replace(config(data_dir, epochs=3, engine=engine), data=DataConfig(data_dir=str(data_dir), train_limit=200, test_limit=50))
-    build = train_module.build_run_model
-    # 4 steps per epoch and one evaluation pass each for train and test (no gradients):
-    # the 8th decoder call in training mode is epoch 2, step 2 when evaluations are counted out
-    hook = PoisonAfter(10 ** 9, where)
-
-    def poisoned(config, image_shape):
-        vae = build(config, image_shape)
-        vae.decoder.register_forward_hook(lambda m, i, o: hook(m, i, o) if torch.is_grad_enabled() else o)
-        return vae
-
-    monkeypatch.setattr(train_module, "build_run_model", poisoned)
-    hook.n = 6  # training calls only: epoch 2, step 2
+    # 4 steps per epoch; evaluations run without gradients and are not counted
+    hook = PoisonAfter(6, where)  # training calls only: epoch 2, step 2
+    program = build_model(cfg.model, (1, 28, 28))
+    program.decoder.register_forward_hook(lambda m, i, o: hook(m, i, o) if torch.is_grad_enabled() else o)
     with pytest.raises(TrainingDivergedError) as info:
-        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None, program=program)
     msg = str(info.value)
     assert "epoch 2, step 2" in msg and "after epoch 1" in msg
     assert ("gradient" in msg) == (where == "gradient")

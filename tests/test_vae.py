@@ -7,7 +7,7 @@ import torch
 from pyro import poutine
 
 from pyro_vae.config import ModelConfig
-from pyro_vae.vae import build_vae
+from pyro_vae.models import build_model as build_vae
 
 from helpers import random_binary
 

@@ -23,6 +23,11 @@ Any Pyro ELBO applied to ``(model, guide)`` estimates
 Minibatches are subsamples of the data set: the ``"data"`` plate is told the full size
 ``num_data`` so Pyro scales the minibatch terms by ``N / B`` and the estimate is of the
 whole-data-set objective.
+
+The likelihood is a module of its own (:mod:`pyro_vae.likelihoods`): Bernoulli as written
+above, or one for grey data (continuous Bernoulli, Gaussian with a learned scale). The
+prior is :meth:`VAE.prior`; a subclass that overrides it (a mixture of Gaussians, a
+VampPrior) keeps everything else, docs/extending.md shows one.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from .likelihoods import BernoulliLikelihood, build_likelihood
-from .networks import build_networks
+from ..likelihoods import BernoulliLikelihood, build_likelihood
+from ..networks import build_networks
+from . import MODELS, data_plate
 
 
 class VAE(nn.Module):
@@ -49,8 +55,11 @@ class VAE(nn.Module):
     :param decoder: module ``z (..., z_dim) -> (..., D)``, the likelihood's parameters.
     :param z_dim: latent dimension.
     :param image_shape: shape of one image, e.g. ``(1, 28, 28)``; ``D`` is its product.
-    :param likelihood: callable ``decoder output -> distribution of x | z``.
+    :param likelihood: module ``decoder output -> distribution of x | z``
+        (:mod:`pyro_vae.likelihoods`); Bernoulli by default.
     """
+
+    point_estimate = False  # the guide is a distribution, so the ELBO exists
 
     def __init__(
         self,
@@ -58,7 +67,7 @@ class VAE(nn.Module):
         decoder: nn.Module,
         z_dim: int,
         image_shape: Sequence[int] = (1, 28, 28),
-        likelihood=None,
+        likelihood: nn.Module | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -66,13 +75,25 @@ class VAE(nn.Module):
         self.z_dim = int(z_dim)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.x_dim = math.prod(self.image_shape)
-        self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
+        self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood(self.x_dim)
+        # a likelihood with a learned part (a Gaussian's scale) is registered with Pyro too,
+        # so that every engine trains it (pyro.infer.SVI optimises what Pyro sees)
+        self._likelihood_learns = any(True for _ in self.likelihood.parameters())
         # 0-dim buffers so the prior lives on the module's device (CPU or CUDA) without
         # allocating per call; the prior itself is written as a distribution below.
         self.register_buffer("prior_loc", torch.zeros(()))
         self.register_buffer("prior_scale", torch.ones(()))
 
+    @property
+    def binary_data(self) -> bool:
+        """Whether the likelihood scores binary pixels only (grey images get binarised)."""
+        return bool(self.likelihood.binary)
+
     # -- the probabilistic program -------------------------------------------------
+
+    def prior(self) -> dist.TorchDistribution:
+        """p(z) = N(0, I): one event of ``z_dim`` dimensions."""
+        return dist.Normal(self.prior_loc, self.prior_scale).expand([self.z_dim]).to_event(1)
 
     def model(self, x=None, *, num_data=None, kl_weight=1.0, batch_size=None):
         """p(x, z) = p(z) p(x|z). With ``x=None`` it generates ``batch_size`` images.
@@ -81,10 +102,12 @@ class VAE(nn.Module):
         estimator sees ``E[log p(x|z)] - kl_weight * KL``: beta-VAE and KL annealing.
         """
         pyro.module("decoder", self.decoder)
+        if self._likelihood_learns:
+            pyro.module("likelihood", self.likelihood)
         x = self._flatten(x) if x is not None else None
-        with self._data_plate(x, num_data, batch_size):
-            with kl_scaled(kl_weight):
-                z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).expand([self.z_dim]).to_event(1))
+        with self._plate(x, num_data, batch_size):
+            with self.latent_weight(kl_weight):
+                z = pyro.sample("z", self.prior())
             out = self.decoder(z)
             pyro.sample("x", self.likelihood(out), obs=x)
         return out
@@ -95,9 +118,9 @@ class VAE(nn.Module):
             raise ValueError("the guide q(z|x) needs the images x it encodes")
         pyro.module("encoder", self.encoder)
         x = self._flatten(x)
-        with self._data_plate(x, num_data, batch_size):
+        with self._plate(x, num_data, batch_size):
             loc, scale = self.encoder(x)
-            with kl_scaled(kl_weight):
+            with self.latent_weight(kl_weight):
                 pyro.sample("z", self.posterior(loc, scale))
         return loc, scale
 
@@ -105,30 +128,41 @@ class VAE(nn.Module):
         """The guide's family given the encoder's output: N(loc, diag scale^2), one event."""
         return dist.Normal(loc, scale).to_event(1)
 
-    # -- plain-tensor views of the same networks (for figures and evaluation) -------
+    def latent_weight(self, kl_weight):
+        """The handler that weights ``"z"`` in model and guide (:func:`kl_scaled`)."""
+        return kl_scaled(kl_weight)
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Raise unless the likelihood can score every image of ``x``."""
+        self.likelihood.check_data(self._flatten(x, check=False), what)
+
+    # -- views of the same networks, for figures and diagnostics (pyro_vae.views) ----
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z|x) for a batch of images."""
         return self.encoder(self._flatten(x, check=False))
+
+    def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """E_q[z|x] for a batch of images."""
+        return self.encoder(self._flatten(x, check=False))[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z] as images of shape ``(..., *image_shape)``."""
         mean = self.likelihood.mean(self.decoder(z))
         return mean.reshape(*z.shape[:-1], *self.image_shape)
 
+    def sample_prior(self, num: int) -> torch.Tensor:
+        """``num`` draws z ~ p(z): ``(num, z_dim)``."""
+        return self.prior().sample((num,))
+
     # -- helpers ---------------------------------------------------------------------
 
-    def _data_plate(self, x, num_data, batch_size):
-        batch = x.shape[0] if x is not None else batch_size
-        if batch is None:
+    def _plate(self, x, num_data, batch_size):
+        if x is not None:
+            return data_plate(x, num_data)
+        if batch_size is None:
             raise ValueError("model(x=None) generates data and needs batch_size=...")
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"num_data={size} is smaller than the minibatch of {batch} images")
-        # An explicit subsample index tells the plate the minibatch size without
-        # drawing a random permutation of the whole data set at every step.
-        subsample = torch.arange(batch, device=self.prior_loc.device) if size != batch else None
-        return pyro.plate("data", size=size, subsample=subsample)
+        return pyro.plate("data", size=int(batch_size))
 
     def _flatten(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -163,10 +197,14 @@ def kl_scaled(kl_weight: float):
     return poutine.scale(scale=kl_weight)
 
 
-def build_vae(model_config, image_shape: Sequence[int], klass: type | None = None) -> VAE:
-    """The VAE described by a :class:`pyro_vae.config.ModelConfig` (``klass``: a VAE subclass)."""
-    encoder, decoder = build_networks(
-        model_config.network, image_shape, model_config.z_dim, model_config.hidden_dims, model_config.activation
-    )
-    klass = klass or VAE
-    return klass(encoder, decoder, model_config.z_dim, image_shape, build_likelihood(model_config.likelihood))
+def networks_and_likelihood(config, image_shape: Sequence[int]):
+    """(encoder, decoder, likelihood) as a :class:`pyro_vae.config.ModelConfig` describes them."""
+    encoder, decoder = build_networks(config.network, image_shape, config.z_dim, config.hidden_dims,
+                                      config.activation)
+    return encoder, decoder, build_likelihood(config.likelihood, math.prod(image_shape))
+
+
+@MODELS.register("vae", "the VAE: z ~ N(0, I), x | z ~ the likelihood, q(z|x) a diagonal Gaussian")
+def vae_from_config(config, image_shape: Sequence[int]) -> VAE:
+    encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)
+    return VAE(encoder, decoder, config.z_dim, image_shape, likelihood)

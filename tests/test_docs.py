@@ -1,0 +1,40 @@
+"""The worked example of docs/extending.md runs exactly as printed."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PAGE = REPO / "docs" / "extending.md"
+
+
+def blocks(marker: str) -> list[tuple[str, str]]:
+    """``(argument, code)`` of each fenced block right after ``<!-- marker ... -->``."""
+    pattern = re.compile(r"<!-- " + marker + r":? ?(.*?) -->\n```\w*\n(.*?)```", re.S)
+    return pattern.findall(PAGE.read_text())
+
+
+@pytest.mark.slow
+def test_the_extending_example_runs_as_printed(tmp_path, data_dir):
+    (name, code), = blocks("file")
+    (tmp_path / name).write_text(code)
+    (_, commands), = blocks("run")
+    bin_dir = Path(sys.executable).parent  # `python` and `pyro-vae` of this environment
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "MPLBACKEND": "Agg",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for command in commands.strip().splitlines():
+        res = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{command}\n{res.stdout}\n{res.stderr}"
+        if command.startswith("python mog_vae.py"):
+            assert "log p(x), K=100:" in res.stdout
+        if command.startswith("pyro-vae evaluate"):
+            assert "log_px_is100" in res.stdout and "bits per dimension" in res.stdout
+        if command.startswith("pyro-vae plot"):
+            assert "skipped dims:" in res.stdout and "latent.png" in res.stdout
+    metrics = (tmp_path / "runs" / "mog" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4
