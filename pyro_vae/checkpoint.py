@@ -10,6 +10,7 @@ checkpoint or the new complete one.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -26,19 +27,34 @@ class CheckpointError(RuntimeError):
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_write`).
+
+    The payload is serialised in memory first, so that a failure to write it (a full
+    disk, a file-size limit) is the operating system's ``OSError``, naming its cause,
+    rather than an error from inside torch's zip writer.
+    """
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Replace ``path`` by ``data`` all at once: written to a temporary file in the same
+    folder, flushed to disk, renamed over ``path``. A crash or a failed write at any moment
+    leaves either the old file or the new one, never a torn one; a failure removes the
+    temporary file and raises the ``OSError``."""
     path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
     _fsync_dir(path.parent)

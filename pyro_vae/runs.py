@@ -15,13 +15,22 @@ docs/extending.md shows both.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import importlib.util
 import json
+import os
 import platform
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, runs are not locked
+    fcntl = None
 
 import pyro
 import torch
@@ -32,10 +41,63 @@ from .config import ModelConfig, ProgramRecord, RunConfig
 CONFIG_NAME = "config.json"
 VERSIONS_NAME = "versions.json"
 METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".lock"  # held by the one process that trains into the folder
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (unwritable, holds another run, ...)."""
+
+
+class RunLockedError(RunDirError):
+    """Another process is training into the run directory."""
+
+
+class RunWriteError(RuntimeError):
+    """A file of the run could not be written (full disk, file-size limit, permissions)."""
+
+
+_HELD: set[Path] = set()  # run folders this process holds the lock of (the lock is re-entrant)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder's lock: one writer per run folder.
+
+    An exclusive ``flock`` on ``RUN/.lock``, which also records the holder's pid and
+    host. The kernel releases it when the process ends, however it ends, so a killed run
+    never leaves a stale lock. A second process that asks for it gets a
+    :class:`RunLockedError` at once. Commands that only read a run (evaluate, plot,
+    sample) take no lock and work while the run trains.
+    """
+    key = Path(run_dir).resolve()
+    if key in _HELD or fcntl is None:
+        yield
+        return
+    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        pid, _, host = holder.partition(" ")
+        raise RunLockedError(
+            f"{run_dir} is being trained by another process (pid {pid}{' on ' + host if host else ''}); one "
+            "process at a time may train into a run folder. Wait for it to finish or stop it, then resume with "
+            f"pyro-vae train --resume {run_dir}; evaluate, plot and sample work on it meanwhile"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is for the message only; the lock is what counts
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -148,8 +210,38 @@ def load_config(run_dir: str | Path) -> RunConfig:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's per-epoch records; a torn last line (a write cut short) is left out."""
+    records, _ = _parse_metrics(Path(run_dir) / METRICS_NAME)
+    return records
+
+
+def _parse_metrics(path: Path) -> tuple[list[dict], bool]:
+    """The records of ``path``, and whether its last line was torn (cut short mid-write).
+
+    Lines are only ever appended whole or not at all, except when the process dies or
+    the disk fills during the append: then the last line lacks its end. A damaged line
+    anywhere else is not something this code writes, and is an error.
+    """
+    if not path.exists():
+        return [], False
+    text = path.read_text()
+    lines = text.split("\n")
+    records, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise ValueError("not an epoch record")
+        except ValueError as err:
+            if i == len(lines) - 1:  # no newline after it: an append cut short
+                torn = True
+                continue
+            raise RunDirError(f"{path} line {i + 1} is damaged ({err}); restore the file, or delete the line "
+                              "(the checkpoint does not depend on it)") from None
+        records.append(record)
+    return records, torn
 
 
 def versions(device: torch.device) -> dict[str, str]:
@@ -187,16 +279,31 @@ def load_weights(program: torch.nn.Module, state: dict, run_dir: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    checkpoint.atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line, in one write, flushed to disk before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        data = (json.dumps(record) + "\n").encode()
+        written = os.write(fd, data)
+        if written != len(data):  # a short write: the disk filled mid-line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop lines of epochs after ``epoch`` (written before a crash beat the checkpoint)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in keep))
+def repair_metrics(path: Path, epoch: int, log=print) -> None:
+    """Make the metrics agree with a checkpoint after ``epoch`` epochs, before resuming.
+
+    Drops the lines of epochs after ``epoch`` (written before a crash beat the
+    checkpoint) and a torn last line, with a one-line notice for the latter. The file is
+    rewritten atomically, and only when something changes."""
+    records, torn = _parse_metrics(path)
+    keep = [r for r in records if r["epoch"] <= epoch]
+    if torn:
+        log(f"note: the last line of {path} was cut short (the process stopped while writing it); dropped it")
+    if torn or len(keep) != len(records):
+        checkpoint.atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep).encode())

@@ -13,6 +13,7 @@ estimates the per-image negative ELBO of the whole training set.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -33,8 +34,9 @@ from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
 from .models import ProgramCall
 from .objectives import build_elbo, kl_weight, training_program
-from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, append_jsonl, build_program,
-                   config_from, load_weights, resolve_device, truncate_metrics, versions, write_json)
+from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
+                   build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
+                   write_json)
 from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory
 
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
@@ -103,6 +105,13 @@ def train(
     for resuming a run of a program built in code that recorded no factory.
     """
     run_dir = Path(run_dir)
+    with contextlib.ExitStack() as held:
+        if resume and run_dir.is_dir():
+            held.enter_context(run_lock(run_dir))  # before reading the state it resumes from
+        return _train(config, run_dir, resume, overwrite, progress, log, program)
+
+
+def _train(config, run_dir, resume, overwrite, progress, log, program) -> Run:
     state = None
     if resume:
         config, state = _stored_run(config, run_dir)
@@ -152,8 +161,21 @@ def fit(
         returns this program untrained; recorded so every command can load the run.
     :param resume: continue the run in ``run_dir`` from its checkpoint (pass the same
         program and data; ``settings`` may differ in ``epochs`` only).
+
+    The process holds the run folder's lock (:func:`pyro_vae.runs.run_lock`) from the
+    moment it writes there until it returns: a second process training into the same
+    folder stops at once with an error.
     """
     run_dir = Path(run_dir)
+    with contextlib.ExitStack() as held:
+        if resume and run_dir.is_dir():
+            held.enter_context(run_lock(run_dir))
+        return _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress,
+                    log, _state, _record, _seeded)
+
+
+def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress, log,
+         _state, _record, _seeded) -> Run:
     settings = settings if settings is not None else TrainConfig()
     record = _record if _record is not None else _program_record(program, factory)
     data_config = data if isinstance(data, DataConfig) else None
@@ -195,7 +217,7 @@ def fit(
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
         rng.set_state(state["rng"])
-        truncate_metrics(run_dir / METRICS_NAME, state["epoch"])
+        repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
     n = len(training_set)
     num_steps = math.ceil(n / cfg.batch_size)
     if state is not None and state["epoch"] >= cfg.epochs:
@@ -232,17 +254,25 @@ def fit(
             first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
             check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
         if state is None:
-            _make_run_dir(run_dir)
-            write_json(run_dir / CONFIG_NAME, config.to_dict())
-            write_json(run_dir / VERSIONS_NAME, versions(device))
-            (run_dir / METRICS_NAME).write_text("")
+            held.enter_context(_new_run_dir(run_dir, overwrite))
+            try:
+                write_json(run_dir / CONFIG_NAME, config.to_dict())
+                write_json(run_dir / VERSIONS_NAME, versions(device))
+                checkpoint.atomic_write(run_dir / METRICS_NAME, b"")
+            except OSError as err:
+                raise RunDirError(f"cannot write the new run's files into {run_dir}: {err.strerror or err}; "
+                                  "free space or choose another --out") from err
+        saved = state["position"] if state is not None else None  # what the last good checkpoint holds
 
         def save_checkpoint(position):
+            nonlocal saved
             engine.check()  # never save a state that a deferred check would reject
             payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
                        "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
                        "image_shape": list(train_data.image_shape)}
-            checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
+            with _writing("the checkpoint", run_dir / checkpoint.CHECKPOINT_NAME, position, saved, run_dir):
+                checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
+            saved = position
 
         for epoch in range(position["epoch"], cfg.epochs):
             first = position["step"] if epoch == position["epoch"] else 0
@@ -286,7 +316,8 @@ def fit(
             if test_data is not None:
                 record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
             record["seconds"] = seconds
-            append_jsonl(run_dir / METRICS_NAME, record)
+            with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, saved, run_dir):
+                append_jsonl(run_dir / METRICS_NAME, record)
             save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
             log(_epoch_line(record, cfg, program))
     return Run(program, config, run_dir, device, cfg.epochs)
@@ -384,8 +415,10 @@ def _refuse_other_run(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _make_run_dir(run_dir: Path) -> None:
-    """Create the folder of a new run, or clear the files of the run it replaces."""
+@contextlib.contextmanager
+def _new_run_dir(run_dir: Path, overwrite: bool):
+    """Create the folder of a new run and hold its lock, or clear the files of the run it
+    replaces (checked again under the lock: another process may have started meanwhile)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -394,8 +427,31 @@ def _make_run_dir(run_dir: Path) -> None:
     except OSError as err:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {err.strerror or err}; "
                           "choose a writable --out") from err
-    for name in (checkpoint.CHECKPOINT_NAME, METRICS_NAME):
-        (run_dir / name).unlink(missing_ok=True)
+    with run_lock(run_dir):
+        _refuse_other_run(run_dir, overwrite)
+        for name in (checkpoint.CHECKPOINT_NAME, METRICS_NAME):
+            (run_dir / name).unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: Path, position: dict, saved: dict | None, run_dir: Path):
+    """Turn a failed write of a run file into an error that says what failed, in plain
+    words, what the last good checkpoint holds and how to go on from it."""
+    try:
+        yield
+    except OSError as err:
+        at = f"epoch {position['epoch'] + 1}, step {position['step']}" if position["step"] else \
+            f"epoch {position['epoch']}"
+        if saved is None:
+            kept = "no epoch had been saved yet, so start the run again once the cause is fixed"
+        else:
+            last = (f"epoch {saved['epoch'] + 1}, step {saved['step']}" if saved["step"]
+                    else f"epoch {saved['epoch']}")
+            kept = (f"the checkpoint in {run_dir} (after {last}) is intact; once the cause is fixed, continue with: "
+                    f"pyro-vae train --resume {run_dir}")
+        raise RunWriteError(f"training stopped: could not write {what} of {at} to {path}: "
+                            f"{err.strerror or err}. {kept}") from err
 
 
 def _check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:

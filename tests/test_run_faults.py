@@ -1,0 +1,220 @@
+"""Operator faults, injected for real: two writers on one run folder, a full disk or a
+file-size limit, torn metrics lines. Nothing is lost, every fault is explained."""
+
+import errno
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyro_vae import checkpoint, load_run
+from pyro_vae.runs import RunLockedError, RunWriteError, read_metrics, run_lock
+from pyro_vae.train import train
+import pyro_vae.train as train_module
+
+from test_reliability import config, flags, start, wait_for_epochs
+
+EPOCHS = 3
+quiet = dict(progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted 3-epoch run every faulty one must end equal to."""
+    run = train(config(data_dir, epochs=EPOCHS), tmp_path_factory.mktemp("ref") / "run", **quiet)
+    return run.program.state_dict()
+
+
+def assert_finished_like(run_dir, reference):
+    final = load_run(run_dir, device="cpu")
+    assert final.epoch == EPOCHS
+    for name, value in final.program.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, EPOCHS + 1))  # each epoch once
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, EPOCHS + 1))  # and whole
+
+
+def cli(args, data_dir, **kw):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pyro_vae", *args], env=env, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def one_epoch(run_dir, data_dir):
+    train(config(data_dir, epochs=1), run_dir, **quiet)
+
+
+# -- one writer per run folder ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_training_on_a_folder_being_trained_stops_at_once(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    # long enough (about 1 s an epoch) to still be training while two more processes start
+    long = [*flags("vae-bernoulli"), "--train-limit", "10000", "--epochs", "10"]
+    first = start([*long, "--out", str(run_dir)], data_dir)
+    assert wait_for_epochs(run_dir, 1, first)
+    for args in (["train", "--resume", str(run_dir), "--no-progress"],
+                 ["train", *long, "--out", str(run_dir), "--overwrite"]):
+        t0 = time.time()
+        second = cli(args, data_dir)
+        assert second.returncode == 1 and time.time() - t0 < 30
+        assert f"{run_dir} is being trained by another process (pid {first.pid}" in second.stderr
+    # read-only commands work on the folder meanwhile
+    assert cli(["evaluate", str(run_dir), "--num-samples", "0", "--limit", "10"], data_dir).returncode == 0
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, 11))
+    assert "is being trained" not in err
+    # the kernel released the lock with the process: the folder can be resumed now
+    assert cli(["train", "--resume", str(run_dir), "--epochs", "11", "--no-progress"], data_dir).returncode == 0
+
+
+def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
+    with run_lock(tmp_path), run_lock(tmp_path):  # fit inside train takes it twice
+        other = subprocess.run([sys.executable, "-c", (
+            "import sys; from pathlib import Path; from pyro_vae.runs import run_lock\n"
+            "with run_lock(Path(sys.argv[1])): pass"), str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode == 1 and f"pid {os.getpid()}" in other.stderr
+    with run_lock(tmp_path):  # released on exit
+        pass
+
+
+# -- a checkpoint or metrics write that fails --------------------------------------------
+
+
+def test_checkpoint_write_under_a_file_size_limit_then_resume_is_exact(tmp_path, data_dir, reference):
+    run_dir = tmp_path / "run"
+    one_epoch(run_dir, data_dir)
+    limit = (run_dir / "checkpoint.pt").stat().st_size // 2  # metrics lines fit, a checkpoint does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = cli(["train", "--resume", str(run_dir), "--epochs", str(EPOCHS), "--no-progress"], data_dir,
+              preexec_fn=small_files)
+    assert res.returncode == 1, res.stderr
+    err = res.stderr
+    assert "could not write the checkpoint of epoch 2" in err and "File too large" in err
+    assert f"(after epoch 1) is intact" in err and f"pyro-vae train --resume {run_dir}" in err
+    assert "Traceback" not in err and "enforce fail" not in err
+    assert checkpoint.load(run_dir / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint loads
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))  # no half-written temporary left behind
+    res = cli(["train", "--resume", str(run_dir), "--epochs", str(EPOCHS), "--no-progress"], data_dir)  # no limit
+    assert res.returncode == 0, res.stderr
+    assert_finished_like(run_dir, reference)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "metrics"])
+def test_no_space_left_then_resume_is_exact(tmp_path, data_dir, reference, monkeypatch, what):
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+
+    def full_disk(real):
+        def write(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:  # epoch 2's write
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args, **kwargs)
+        return write
+
+    if what == "checkpoint":
+        monkeypatch.setattr(checkpoint, "save", full_disk(checkpoint.save))
+    else:
+        monkeypatch.setattr(train_module, "append_jsonl", full_disk(train_module.append_jsonl))
+    with pytest.raises(RunWriteError) as info:
+        train(config(data_dir, epochs=EPOCHS), run_dir, **quiet)
+    msg = str(info.value)
+    assert f"could not write the {what} of epoch 2" in msg and "No space left on device" in msg
+    assert "(after epoch 1) is intact" in msg
+    monkeypatch.undo()
+    assert checkpoint.load(run_dir / "checkpoint.pt")["epoch"] == 1
+    train(config(data_dir, epochs=EPOCHS), run_dir, resume=True, **quiet)
+    assert_finished_like(run_dir, reference)
+
+
+def test_a_write_failure_before_any_checkpoint_says_so(tmp_path, data_dir, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    with pytest.raises(RunWriteError, match="no epoch had been saved yet"):
+        train(config(data_dir, epochs=1), tmp_path / "run", **quiet)
+
+
+# -- torn metrics lines --------------------------------------------------------------------
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, data_dir, reference):
+    run_dir = tmp_path / "run"
+    train(config(data_dir, epochs=2), run_dir, **quiet)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_objective": -1')  # the process died mid-append
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]  # readers skip it
+    lines = []
+    train(config(data_dir, epochs=EPOCHS), run_dir, resume=True, progress=False, log=lines.append)
+    assert any("was cut short" in line and "dropped it" in line for line in lines)
+    assert_finished_like(run_dir, reference)
+
+
+PATCHED_CLI = """
+import os, signal, sys
+from pyro_vae import checkpoint, runs
+import pyro_vae.train as train_module
+from pyro_vae.cli import main
+
+where = sys.argv[1]
+if where == "append":  # die halfway through writing epoch 2's metrics line
+    real = train_module.append_jsonl
+    count = [0]
+    def append(path, record):
+        count[0] += 1
+        if count[0] == 2:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b'{"epoch": 2, "train_obj')
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, record)
+    train_module.append_jsonl = append
+elif where == "rewrite":  # die while the metrics file is being rewritten on resume
+    real = checkpoint.atomic_write
+    def atomic_write(path, data):
+        if str(path).endswith("metrics.jsonl"):
+            import tempfile
+            fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", suffix=".tmp", dir=os.path.dirname(path))
+            os.write(fd, bytes(data)[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, data)
+    checkpoint.atomic_write = atomic_write
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def patched(where, args, data_dir):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
+    return subprocess.run([sys.executable, "-c", PATCHED_CLI, where, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_metrics_append_and_during_the_resume_rewrite(tmp_path, data_dir, reference):
+    run_dir = tmp_path / "run"
+    args = ["train", *flags("vae-bernoulli"), "--epochs", str(EPOCHS), "--out", str(run_dir)]
+    res = patched("append", args, data_dir)
+    assert res.returncode == -signal.SIGKILL
+    assert (run_dir / "metrics.jsonl").read_text().endswith('{"epoch": 2, "train_obj')
+    assert checkpoint.load(run_dir / "checkpoint.pt")["epoch"] == 1
+    # the resume's repair of the torn line is killed in its turn: the file is as it was
+    res = patched("rewrite", ["train", "--resume", str(run_dir), "--no-progress"], data_dir)
+    assert res.returncode == -signal.SIGKILL
+    assert (run_dir / "metrics.jsonl").read_text().endswith('{"epoch": 2, "train_obj')
+    res = cli(["train", "--resume", str(run_dir), "--no-progress"], data_dir)
+    assert res.returncode == 0, res.stderr
+    assert "was cut short" in res.stdout
+    assert_finished_like(run_dir, reference)
