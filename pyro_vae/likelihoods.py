@@ -135,13 +135,16 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
 
 class _GaussianLikelihood(Likelihood):
-    r"""x_d | z ~ Normal(f_d(z), sigma_d) with a learned scale, ``sigma = MIN_SCALE + softplus(raw)``.
+    r"""x_d | z ~ Normal(sigmoid(f_d(z)), sigma_d) with a learned scale,
+    ``sigma = MIN_SCALE + softplus(raw)``.
 
-    The floor keeps the density finite: grey images have pixels that are exactly 0 in
-    every image (MNIST's border), on which a free scale would shrink towards 0 and the
-    log-density grow without bound. The scale starts at ``INIT_SCALE``, about the spread
-    of a pixel around a blurry reconstruction, so the first steps fit the means rather
-    than the scale.
+    The means are kept in (0, 1), where grey values lie, by a sigmoid, as Kingma &
+    Welling (2013) did for the Frey faces: an unbounded mean lets decoded images leave
+    the range of the data. The floor of the scale keeps the density finite: grey images
+    have pixels that are exactly 0 in every image (MNIST's border), on which a free
+    scale would shrink towards 0 and the log-density grow without bound. The scale
+    starts at ``INIT_SCALE``, about the spread of a pixel around a blurry
+    reconstruction, so the first steps fit the means rather than the scale.
     """
 
     support = "that are NaN or infinite"
@@ -158,17 +161,18 @@ class _GaussianLikelihood(Likelihood):
     def scale(self) -> torch.Tensor:
         return self.MIN_SCALE + softplus(self.raw_scale)
 
-    def forward(self, loc: torch.Tensor) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        loc = torch.sigmoid(out)
         return dist.Normal(loc, self.scale.expand(loc.shape)).to_event(1)
 
-    def mean(self, loc: torch.Tensor) -> torch.Tensor:
-        return loc
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out)
 
     def outside(self, x):
         return ~torch.isfinite(x)
 
 
-@LIKELIHOODS.register("gaussian", "grey values, x ~ Normal(decoder output, learned scale per pixel)")
+@LIKELIHOODS.register("gaussian", "grey values, x ~ Normal(sigmoid(decoder output), learned scale per pixel)")
 class GaussianLikelihood(_GaussianLikelihood):
     __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale per pixel."
     name = "gaussian"
@@ -177,7 +181,8 @@ class GaussianLikelihood(_GaussianLikelihood):
         super().__init__(x_dim, (int(x_dim),))
 
 
-@LIKELIHOODS.register("gaussian-shared", "grey values, x ~ Normal(decoder output, one learned scale for all pixels)")
+@LIKELIHOODS.register("gaussian-shared",
+                      "grey values, x ~ Normal(sigmoid(decoder output), one learned scale for all pixels)")
 class SharedScaleGaussianLikelihood(_GaussianLikelihood):
     __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale shared by all pixels."
     name = "gaussian-shared"

@@ -15,13 +15,24 @@ Pyro's own version reads each site's log-density back to the host (``.item()``) 
 report a float beside the surrogate, which is a device synchronisation per site and
 per step on CUDA, and which a recorded graph cannot replay (pyro_vae.capture).
 ``loss`` and ``loss_and_grads`` (used by ``pyro.infer.SVI``) are Pyro's, unchanged.
+
+``iwae`` and ``iwae-dreg``: the importance-weighted bound of Burda et al. (2016), per
+image ``log (1/K) sum_k p(x, z_k) / q(z_k|x)`` with K = ``num_particles``, the second
+with the doubly reparameterised gradient of Tucker et al. (2019) for the guide
+(:class:`ImportanceWeightedELBO`, :class:`ImportanceWeightedELBO_DReG`).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.trace_struct import Trace
+from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
 from .registry import Registry
@@ -109,6 +120,274 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
             if site["name"] not in model_trace.nodes:  # auxiliary guide variables
                 terms.append(-site["log_prob_sum"])
         return _total(terms), None
+
+
+class ImportanceWeightError(ValueError):
+    """A program, or a KL weight, for which the importance-weighted bound is not defined."""
+
+
+@ESTIMATORS.register("iwae", "the importance-weighted bound (Burda et al.): per image, log of the mean of K = "
+                             "--num-particles weights p(x, z) / q(z|x)")
+class ImportanceWeightedELBO(ELBO):
+    r"""The importance-weighted bound (Burda, Grosse & Salakhutdinov, 2016) as a training loss.
+
+    For each image :math:`x_n` of a minibatch :math:`\mathcal B` of :math:`B` images out
+    of :math:`N`, with :math:`K` = ``num_particles`` reparameterised draws
+    :math:`z_{n,k} \sim q_\phi(z \mid x_n)`:
+
+    .. math::
+
+        \log w_{n,k} = \log p_\theta(x_n, z_{n,k}) - \log q_\phi(z_{n,k} \mid x_n), \qquad
+        \mathcal L_K(x_n) = \log \frac1K \sum_{k=1}^K w_{n,k},
+
+        \mathrm{loss} = -\frac{N}{B} \sum_{n \in \mathcal B} \mathcal L_K(x_n).
+
+    :math:`\log p` and :math:`\log q` add up every sample site of the model's and the
+    guide's traces, whatever their names (``"z"``, or ``"z1"`` and ``"z2"``; observed
+    sites count in :math:`\log p`): each site's ``log_prob`` with the particle and
+    ``"data"`` dims kept and without the plate's scale. The log-mean-exp runs over the
+    K draws of each image, and ``N / B`` multiplies its result once, as it multiplies
+    the ELBO's minibatch terms. :math:`\mathcal L_1` is the ELBO: at K = 1 the loss is
+    :class:`OnDeviceTrace_ELBO`'s, in value and gradient, for the same draws; and
+    :math:`\mathbb E[\mathcal L_K]` rises with K towards :math:`\log p_\theta(x_n)`.
+    The K draws are vectorised by an outer particles plate when ``vectorize_particles``
+    (as :func:`build_elbo` sets for K > 1), else drawn one at a time.
+
+    The gradient is autograd's, in every parameter the IWAE estimator
+    :math:`\sum_k \tilde w_{n,k} \nabla \log w_{n,k}` with the normalised weights
+    :math:`\tilde w_{n,k} = w_{n,k} / \sum_j w_{n,j}` (the softmax of the log-weights).
+    ``differentiable_loss`` reads nothing back to the host, so the ``module`` and
+    ``captured`` engines can run it; ``loss`` and ``loss_and_grads`` serve
+    :class:`pyro.infer.SVI`.
+
+    The bound is defined here for local latents, at KL weight 1, so these raise
+    :class:`ImportanceWeightError`: a sample site outside the ``"data"`` plate (a
+    global latent); a latent of the model that the guide does not sample; a guide site
+    without ``rsample``; a ``kl_weight`` argument other than 1 (``--beta``,
+    ``--kl-warmup-epochs``: :math:`\beta` weights :math:`\log p(z) - \log q(z|x)` inside
+    the ELBO's expectation, and inside a log-mean-exp it weights nothing the bound
+    knows); and, however it came about, a site whose scale is not its plates'
+    ``N / B`` (a ``poutine.scale``, as the VAE's KL weight is applied, or a tensor
+    scale) or a latent site under ``poutine.mask`` (the VAE's KL weight 0). A mask on
+    an observed site is applied: its masked elements add nothing to :math:`\log p`.
+
+    Compared with :class:`pyro.infer.RenyiELBO` at ``alpha=0`` (Pyro 1.9), which
+    computes the same bound for a single data set without subsampling: RenyiELBO has no
+    ``differentiable_loss`` (its ``loss`` and ``loss_and_grads`` return floats read from
+    the device), so only the ``svi`` engine could use it. Its log-weights are the
+    sites' ``log_prob``, which Pyro has already multiplied by the plate's ``N / B``, so
+    per image it computes :math:`\log \frac1K \sum_k w_{n,k}^{N/B}`, not
+    :math:`\frac NB \mathcal L_K(x_n)`, and its gradient weights the draws by the
+    softmax of :math:`\frac NB \log w_{n,k}`, close to the single largest weight for
+    :math:`N \gg B`. And it keeps only the dims of plates that enclose every site
+    before its log-mean-exp: with one site outside the ``"data"`` plate, the
+    log-mean-exp runs over the whole minibatch's summed log-weights, as Pyro issue
+    #2220 reported and #3104 discusses for local-latent models like the VAE.
+    """
+
+    plate = "data"  # the plate whose elements (images) each get a log-mean-exp
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """Minus ``N / B`` times the sum over the minibatch of :math:`\\mathcal L_K`, a 0-dim tensor."""
+        _refuse_kl_weight(kwargs.get("kl_weight", 1))
+        particles = list(self._get_traces(model, guide, args, kwargs))
+        scale = particles[0][0]
+        # each term (K, B): one vectorised trace, or one (1, B) trace per particle
+        terms = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*(p[1] for p in particles))]
+        log_w = terms[0]
+        bound = torch.logsumexp(log_w, dim=0)
+        if log_w.shape[0] > 1:
+            bound = bound - math.log(log_w.shape[0])
+        return -(self._objective(bound, *terms).sum() * scale)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a float (read from the device)."""
+        with torch.no_grad():
+            loss = float(self.differentiable_loss(model, guide, *args, **kwargs))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a float, its gradient accumulated in the parameters' ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        loss = float(loss.detach())
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _objective(self, bound, log_w):
+        """Per image, the tensor whose sum times ``N / B`` is the bound: here the bound itself."""
+        return bound
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """``(N / B, terms)`` of one guide trace and the model replayed against it."""
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        return self._terms(model, guide, args, kwargs, model_trace, guide_trace)
+
+    def _terms(self, model, guide, args, kwargs, model_trace, guide_trace):
+        scale, log_p, log_q = _log_densities(model_trace, guide_trace, self.plate)
+        return scale, (log_p - log_q,)
+
+
+@ESTIMATORS.register("iwae-dreg", "iwae with the doubly reparameterised gradient for the guide (Tucker et al.)")
+class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
+    r"""The importance-weighted bound of :class:`ImportanceWeightedELBO` (the same value,
+    bit for bit, for the same draws), with the doubly reparameterised gradient
+    estimator (DReG; Tucker, Lawson, Gu & Maddison, 2019) for the guide's parameters.
+
+    With :math:`z_k = z_k(\varepsilon_k, \phi)` reparameterised and
+    :math:`\tilde w_k` the normalised weights of one image, the IWAE gradient in the
+    guide's parameters :math:`\phi` is
+
+    .. math::
+
+        \nabla_\phi \mathcal L_K = \sum_k \tilde w_k \Big(
+            \frac{\partial \log w_k}{\partial z_k} \frac{d z_k}{d \phi}
+            - \frac{\partial \log q_\phi(z_k \mid x)}{\partial \phi}\Big|_{z_k}\Big).
+
+    The second term (the score function, zero in expectation) is what makes the
+    estimator's signal-to-noise ratio fall as K grows (Rainforth et al., 2018). Applying
+    the reparameterisation trick to it once more gives, in expectation, the same
+    gradient as
+
+    .. math::
+
+        \nabla^{\mathrm{DReG}}_\phi \mathcal L_K = \sum_k \tilde w_k^2\,
+            \frac{\partial \log w_k}{\partial z_k} \frac{d z_k}{d \phi},
+
+    where :math:`\partial \log w_k / \partial z_k` differentiates
+    :math:`\log p_\theta(x, z) - \log q_\phi(z \mid x)` in :math:`z` with :math:`\phi`
+    held fixed. The model's parameters :math:`\theta` keep IWAE's gradient,
+    :math:`\sum_k \tilde w_k \nabla_\theta \log p_\theta(x, z_k)`. At K = 1 this is the
+    "sticking the landing" estimator of Roeder, Wu & Duvenaud (2017).
+
+    One backward pass gives both: per image, the loss's gradient is that of the surrogate
+
+    .. math::
+
+        S = \sum_k \bar{\tilde w}_k^2 \big(\log w_k + \log q_\phi(\bar z_k \mid x)\big)
+          + \sum_k \big(\bar{\tilde w}_k - \bar{\tilde w}_k^2\big) \log p_\theta(x, \bar z_k),
+
+    bars marking values detached from the graph. In :math:`\phi`:
+    :math:`\log w_k` gives the pathwise term and the score term; the second addend,
+    :math:`\log q_\phi` at the detached draw, gives exactly the score term with the
+    opposite sign, so the two cancel and :math:`\tilde w_k^2` times the pathwise term
+    is left; the last sum does not depend on :math:`\phi` (its :math:`z` is detached).
+    In :math:`\theta`: the first sum gives :math:`\tilde w_k^2 \nabla_\theta \log p` and
+    the last adds :math:`(\tilde w_k - \tilde w_k^2) \nabla_\theta \log p`, IWAE's
+    gradient in all. (The guide's parameters must not appear in the model.)
+
+    The detached terms come from a second pass of the guide and the model, replayed at
+    the detached draws (no new random numbers): it costs one more forward pass of both
+    networks, and a backward pass to their parameters. Evaluating
+    :math:`\log q_\phi(\bar z \mid x)` by replaying the guide, rather than by detaching
+    the parameters of each guide distribution, keeps the estimator exact for a guide
+    whose later sites depend on earlier latents (:math:`q(z_2 \mid z_1, x)`), where
+    :math:`\partial \log q / \partial z_1` also runs through the parameters of
+    :math:`q(z_2 \mid z_1, x)`.
+    """
+
+    def _objective(self, bound, log_w, log_q_fixed, log_p_fixed):
+        weights = torch.softmax(log_w.detach(), dim=0)
+        squared = weights * weights
+        surrogate = (squared * (log_w + log_q_fixed) + (weights - squared) * log_p_fixed).sum(0)
+        # the value is the bound's; the gradient the surrogate's
+        return bound.detach() + (surrogate - surrogate.detach())
+
+    def _terms(self, model, guide, args, kwargs, model_trace, guide_trace):
+        scale, (log_w,) = super()._terms(model, guide, args, kwargs, model_trace, guide_trace)
+        fixed_guide = poutine.trace(poutine.replay(guide, trace=_detached(guide_trace))).get_trace(*args, **kwargs)
+        fixed_model = poutine.trace(poutine.replay(model, trace=fixed_guide)).get_trace(*args, **kwargs)
+        _, log_p_fixed, log_q_fixed = _log_densities(fixed_model, fixed_guide, self.plate)
+        return scale, (log_w, log_q_fixed, log_p_fixed)
+
+
+def _refuse_kl_weight(weight) -> None:
+    if not isinstance(weight, torch.Tensor) and weight != 1:
+        raise ImportanceWeightError(
+            f"the importance-weighted bound has no KL weight: got kl_weight={weight}; train it with --beta 1 "
+            "and no --kl-warmup-epochs (a KL weight scales log p(z) - log q(z|x) inside the ELBO's expectation, "
+            "but inside the bound's log-mean-exp it weights nothing)")
+
+
+def _detached(trace: Trace) -> Trace:
+    """A trace of ``trace``'s sample sites, their values detached, to replay against."""
+    frozen = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            value = site["value"]
+            frozen.add_node(name, **{**site, "value": value.detach() if isinstance(value, torch.Tensor) else value})
+    return frozen
+
+
+def _log_densities(model_trace: Trace, guide_trace: Trace, plate: str):
+    """``(N / B, log p, log q)``: the plate's scale and, per draw and image, ``(K, B)``,
+    the model's and the guide's log-densities summed over their sample sites, unscaled.
+
+    Checks, in Python only (no tensor is read), that the bound is defined for the sites
+    (see :class:`ImportanceWeightedELBO`)."""
+    guide_sites = sample_sites(guide_trace)
+    guided = {site["name"] for site in guide_sites}
+    scales = set()
+    log_p = log_q = 0.0
+    for site in sample_sites(model_trace):
+        if not site["is_observed"] and site["name"] not in guided:
+            raise ImportanceWeightError(
+                f"latent site {site['name']!r} of the model is not sampled by the guide; the importance weights "
+                "p(x, z) / q(z|x) need a proposal q for every latent")
+        term, scale = _per_image_log_prob(site, plate, "model")
+        log_p, _ = log_p + term, scales.add(scale)
+    for site in guide_sites:
+        if not site["fn"].has_rsample:
+            raise ImportanceWeightError(
+                f"guide site {site['name']!r} ({type(site['fn']).__name__}) cannot be reparameterised; the "
+                "importance-weighted estimators here need rsample at every guide site")
+        term, scale = _per_image_log_prob(site, plate, "guide")
+        log_q, _ = log_q + term, scales.add(scale)
+    if not isinstance(log_p, torch.Tensor) or not isinstance(log_q, torch.Tensor):
+        raise ImportanceWeightError("the importance-weighted bound needs sample sites in both model and guide")
+    if len(scales) != 1:  # one plate, one minibatch: every site has the same N / B
+        raise ImportanceWeightError(f"the sites' {plate!r} plates differ in N / B: {sorted(scales)}")
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    images = log_p.shape[-1]
+    return scales.pop(), log_p.reshape(-1, images), log_q.reshape(-1, images)
+
+
+def _per_image_log_prob(site, plate: str, program: str):
+    """``(log_prob summed to the plate's dim, N / B)`` of a site inside ``plate``."""
+    name = site["name"]
+    frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+    if frame is None or frame.dim is None:
+        raise ImportanceWeightError(
+            f"{program} site {name!r} is outside the {plate!r} plate (a global latent?); the importance-weighted "
+            f"bound here is a log-mean-exp per image, defined for sites inside the {plate!r} plate only")
+    scale = site["scale"]
+    plates = 1.0
+    for f in site["cond_indep_stack"]:
+        if f.full_size is not None:
+            plates = plates * f.full_size / f.size
+    if isinstance(scale, torch.Tensor) or not math.isclose(scale, plates, rel_tol=1e-9):
+        weight = "a tensor" if isinstance(scale, torch.Tensor) else f"{scale / plates:.6g}"
+        raise ImportanceWeightError(
+            f"{program} site {name!r} is scaled by {weight} beyond its plates' N / B (a KL weight other than 1, or "
+            "poutine.scale); the importance-weighted bound is defined at weight 1 only: train it with --beta 1 "
+            "and no --kl-warmup-epochs")
+    log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    mask = site["mask"]
+    if mask is not None:
+        if not site["is_observed"]:
+            raise ImportanceWeightError(
+                f"latent {program} site {name!r} is masked (poutine.mask; a KL weight of 0?); the "
+                "importance-weighted bound needs every latent's log-density: train it with --beta 1 and no "
+                "--kl-warmup-epochs")
+        log_prob = scale_and_mask(log_prob, 1.0, mask)
+    if frame.dim < -1:  # plates nested inside the data plate: their elements belong to the image
+        log_prob = log_prob.sum(list(range(frame.dim + 1, 0)))
+    return log_prob, site["cond_indep_stack"] and frame.full_size / frame.size
 
 
 MAX_PLATE_NESTING = 1  # the VAE has one plate, "data"

@@ -65,17 +65,17 @@ def test_gaussian_log_prob_and_its_learned_scale(name, scale_shape):
     like = build_likelihood(name, D).double()
     assert like.raw_scale.shape == scale_shape
     assert torch.allclose(like.scale, torch.full(scale_shape, 0.1, dtype=torch.float64))
-    loc, grey = logits_and_grey()
-    s = like.scale.expand(D)
+    out, grey = logits_and_grey()
+    loc, s = torch.sigmoid(out), like.scale.expand(D)  # means in (0, 1), as grey values are
     expected = (-0.5 * ((grey - loc) / s) ** 2 - s.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-    log_p = like(loc).log_prob(grey)
+    log_p = like(out).log_prob(grey)
     assert torch.allclose(log_p, expected, rtol=1e-12)
     log_p.sum().backward()
     assert like.raw_scale.grad is not None and torch.isfinite(like.raw_scale.grad).all()
     # the floor: however far the raw parameter goes, the scale stays at least MIN_SCALE
     with torch.no_grad():
         like.raw_scale.fill_(-1e4)
-    assert torch.all(like.scale >= like.MIN_SCALE) and torch.isfinite(like(loc).log_prob(grey)).all()
+    assert torch.all(like.scale >= like.MIN_SCALE) and torch.isfinite(like(out).log_prob(grey)).all()
 
 
 def test_grey_pixels_to_bernoulli_are_an_error_naming_the_fix():

@@ -1,0 +1,84 @@
+"""The CUDA path without a GPU: a training step's forward pass on fake CUDA tensors.
+
+torch's FakeTensorMode gives tensors a device and a shape but no storage, so a program
+runs on "cuda" here: an operation that mixes a CUDA tensor with a CPU one fails as it
+would on a GPU, and reading a value back to the host fails outright. What fake tensors
+cannot reach is written in docs/performance.md: the backward pass (the autograd engine
+asks the driver for a device context), fused Adam's kernel, and the recorded graph
+(make_fx folds Pyro's subsample constants by running them on the real device).
+"""
+
+import pyro
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyro_vae import ModelConfig, build_model
+from pyro_vae.likelihoods import LIKELIHOODS
+from pyro_vae.models import MODELS, ProgramCall
+from pyro_vae.objectives import ESTIMATORS, build_elbo
+
+
+def _moves_data(t) -> bool:
+    # 0-dim CPU tensors enter CUDA kernels as scalars (the recorded KL weight is one),
+    # and empty ones (Pyro makes a few while broadcasting shapes) move no data
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 0
+
+
+class DeviceAudit(TorchDispatchMode):
+    """Operations that bring device data to the host, or mix host data into device work,
+    and reads of a value back to the host: each a synchronisation (or a failure) on a GPU.
+    (Host tensors that never meet device data, such as the index Pyro makes for its
+    particles plate, cost nothing and are not counted.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings, self.host_reads, self.ops = [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.host_reads += 1
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        inputs = [t for t in tree_leaves((args, kwargs)) if _moves_data(t)]
+        outputs = [t for t in tree_leaves(out) if _moves_data(t)]
+        devices = {t.device.type for t in inputs + outputs}
+        if "cuda" in devices and len(devices) > 1:
+            self.crossings.append((str(func), sorted(devices), [tuple(t.shape) for t in inputs + outputs]))
+        return out
+
+
+@pytest.mark.parametrize("model", MODELS.names())
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
+@pytest.mark.parametrize("estimator", ESTIMATORS.names())
+def test_a_training_forward_pass_stays_on_the_device_and_reads_nothing_back(model, likelihood, estimator):
+    # the default device stays the CPU: a tensor made without the program's device lands
+    # there, and the audit (or the fake device check of a mixed operation) reports it
+    with FakeTensorMode():
+        with torch.device("cuda"):  # the program is built on the device; the forward runs outside this
+            program = build_model(ModelConfig(model=model, likelihood=likelihood, z_dim=3, hidden_dims=(16,)),
+                                  (1, 28, 20))
+        assert all(t.device.type == "cuda" for t in [*program.parameters(), *program.buffers()])
+        grey = torch.rand(8, 1, 28, 20, device="cuda")
+        x = torch.bernoulli(grey) if program.binary_data else grey
+        loss_fn = build_elbo(estimator, num_particles=2)(program.model, program.guide)
+        kwargs = ProgramCall(program).kwargs({"x": x}, num_data=100, kl_weight=0.5)
+        with pyro.validation_enabled(False), pyro.get_param_store().scope(), DeviceAudit() as audit:
+            loss = loss_fn(**kwargs)
+    assert loss.device.type == "cuda" and loss.shape == ()
+    assert audit.ops > 50 and audit.crossings == [] and audit.host_reads == 0
+
+
+def test_the_audit_sees_what_it_is_for():
+    """A CPU tensor in a CUDA computation, and a host read, are caught here as on a GPU."""
+    with FakeTensorMode():
+        x = torch.ones(3, device="cuda")
+        with DeviceAudit() as audit:
+            x.cpu()  # a copy to the host
+        assert audit.crossings
+        with pytest.raises(RuntimeError):
+            x + torch.ones(3)  # a CPU tensor made without the device: refused, as on CUDA
+        with pytest.raises(Exception):
+            float(x.sum())  # no value to read back
