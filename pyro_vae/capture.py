@@ -132,7 +132,10 @@ class CapturedLoss:
             return self._run_eagerly(f"module(s) {', '.join(hooked)} have hooks, which a recording would not call")
         params, buffers = self._tensors()
         try:
-            graph = make_fx(loss_of, tracing_mode="fake")(params, buffers, batch, dynamic)
+            # An empty decomposition table keeps every op as it ran; the default one writes
+            # ``detach`` as ``alias``, and a replay would then differentiate through the
+            # stop-gradients of a score-function surrogate.
+            graph = make_fx(loss_of, decomposition_table={}, tracing_mode="fake")(params, buffers, batch, dynamic)
         except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return self._run_eagerly(reason, err)

@@ -165,14 +165,16 @@ class ImportanceWeightedELBO(ELBO):
     global latent); a latent of the model that the guide does not sample; a guide site
     without ``rsample``; a ``kl_weight`` argument other than 1 (``--beta``,
     ``--kl-warmup-epochs``: :math:`\beta` weights :math:`\log p(z) - \log q(z|x)` inside
-    the ELBO's expectation, and inside a log-mean-exp it weights nothing the bound
-    knows); and, however it came about, a site whose scale is not its plates'
+    the ELBO's expectation, where it is minus the KL; inside the log-mean-exp it would
+    weight no KL term, and the result would bound nothing); and, however it came
+    about, a site whose scale is not its plates'
     ``N / B`` (a ``poutine.scale``, as the VAE's KL weight is applied, or a tensor
     scale) or a latent site under ``poutine.mask`` (the VAE's KL weight 0). A mask on
     an observed site is applied: its masked elements add nothing to :math:`\log p`.
 
     Compared with :class:`pyro.infer.RenyiELBO` at ``alpha=0`` (Pyro 1.9), which
-    computes the same bound for a single data set without subsampling: RenyiELBO has no
+    computes the same value when the minibatch is the whole data set (N = B) and every
+    site is inside the ``"data"`` plate: RenyiELBO has no
     ``differentiable_loss`` (its ``loss`` and ``loss_and_grads`` return floats read from
     the device), so only the ``svi`` engine could use it. Its log-weights are the
     sites' ``log_prob``, which Pyro has already multiplied by the plate's ``N / B``, so
@@ -181,8 +183,9 @@ class ImportanceWeightedELBO(ELBO):
     softmax of :math:`\frac NB \log w_{n,k}`, close to the single largest weight for
     :math:`N \gg B`. And it keeps only the dims of plates that enclose every site
     before its log-mean-exp: with one site outside the ``"data"`` plate, the
-    log-mean-exp runs over the whole minibatch's summed log-weights, as Pyro issue
-    #2220 reported and #3104 discusses for local-latent models like the VAE.
+    log-mean-exp runs over the whole minibatch's summed log-weights. Pyro issues #2220
+    (plates used for minibatches make IWAE-type objectives fail silently) and #3104
+    (RenyiELBO is not suited to local-latent models like the VAE) discuss these limits.
     """
 
     plate = "data"  # the plate whose elements (images) each get a log-mean-exp
@@ -247,21 +250,24 @@ class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
 
         \nabla_\phi \mathcal L_K = \sum_k \tilde w_k \Big(
             \frac{\partial \log w_k}{\partial z_k} \frac{d z_k}{d \phi}
-            - \frac{\partial \log q_\phi(z_k \mid x)}{\partial \phi}\Big|_{z_k}\Big).
+            - \frac{\partial \log q_\phi(z_k \mid x)}{\partial \phi}\Big|_{z_k}\Big),
 
-    The second term (the score function, zero in expectation) is what makes the
-    estimator's signal-to-noise ratio fall as K grows (Rainforth et al., 2018). Applying
-    the reparameterisation trick to it once more gives, in expectation, the same
-    gradient as
+    where :math:`\partial \log w_k / \partial z_k` differentiates
+    :math:`\log p_\theta(x, z) - \log q_\phi(z \mid x)` in :math:`z` with :math:`\phi`
+    held fixed. The second term, the score function, is the noisy one: the
+    signal-to-noise ratio of this estimator falls like :math:`1/\sqrt K` (Rainforth et
+    al., 2018). Reparameterising it once more,
+    :math:`\mathbb E_q[f(z)\, \partial_\phi \log q_\phi(z)] = \mathbb E_\varepsilon[\partial_z f\, dz/d\phi]`
+    with :math:`f = \tilde w_k`, whose derivative in :math:`z_k` is
+    :math:`(\tilde w_k - \tilde w_k^2)\, \partial \log w_k / \partial z_k`, turns the
+    gradient into one with the same expectation and no score term:
 
     .. math::
 
         \nabla^{\mathrm{DReG}}_\phi \mathcal L_K = \sum_k \tilde w_k^2\,
-            \frac{\partial \log w_k}{\partial z_k} \frac{d z_k}{d \phi},
+            \frac{\partial \log w_k}{\partial z_k} \frac{d z_k}{d \phi}.
 
-    where :math:`\partial \log w_k / \partial z_k` differentiates
-    :math:`\log p_\theta(x, z) - \log q_\phi(z \mid x)` in :math:`z` with :math:`\phi`
-    held fixed. The model's parameters :math:`\theta` keep IWAE's gradient,
+    The model's parameters :math:`\theta` keep IWAE's gradient,
     :math:`\sum_k \tilde w_k \nabla_\theta \log p_\theta(x, z_k)`. At K = 1 this is the
     "sticking the landing" estimator of Roeder, Wu & Duvenaud (2017).
 
@@ -279,11 +285,12 @@ class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
     is left; the last sum does not depend on :math:`\phi` (its :math:`z` is detached).
     In :math:`\theta`: the first sum gives :math:`\tilde w_k^2 \nabla_\theta \log p` and
     the last adds :math:`(\tilde w_k - \tilde w_k^2) \nabla_\theta \log p`, IWAE's
-    gradient in all. (The guide's parameters must not appear in the model.)
+    gradient in all. (So model and guide must not share a parameter: it would get a
+    mixture of the two.)
 
     The detached terms come from a second pass of the guide and the model, replayed at
-    the detached draws (no new random numbers): it costs one more forward pass of both
-    networks, and a backward pass to their parameters. Evaluating
+    the detached draws (no new random numbers are drawn): one more forward pass of
+    both networks per step, and a backward pass from it to their parameters. Evaluating
     :math:`\log q_\phi(\bar z \mid x)` by replaying the guide, rather than by detaching
     the parameters of each guide distribution, keeps the estimator exact for a guide
     whose later sites depend on earlier latents (:math:`q(z_2 \mid z_1, x)`), where
@@ -295,7 +302,7 @@ class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
         weights = torch.softmax(log_w.detach(), dim=0)
         squared = weights * weights
         surrogate = (squared * (log_w + log_q_fixed) + (weights - squared) * log_p_fixed).sum(0)
-        # the value is the bound's; the gradient the surrogate's
+        # the value is the bound's (x - x is exactly 0), the gradient the surrogate's
         return bound.detach() + (surrogate - surrogate.detach())
 
     def _terms(self, model, guide, args, kwargs, model_trace, guide_trace):
@@ -310,17 +317,19 @@ def _refuse_kl_weight(weight) -> None:
     if not isinstance(weight, torch.Tensor) and weight != 1:
         raise ImportanceWeightError(
             f"the importance-weighted bound has no KL weight: got kl_weight={weight}; train it with --beta 1 "
-            "and no --kl-warmup-epochs (a KL weight scales log p(z) - log q(z|x) inside the ELBO's expectation, "
-            "but inside the bound's log-mean-exp it weights nothing)")
+            "and no --kl-warmup-epochs (a KL weight scales log p(z) - log q(z|x) inside the ELBO's expectation; "
+            "inside the bound's log-mean-exp it has no such meaning)")
 
 
 def _detached(trace: Trace) -> Trace:
-    """A trace of ``trace``'s sample sites, their values detached, to replay against."""
+    """A trace of ``trace``'s sample sites, their values cut from the graph, to replay against."""
     frozen = Trace()
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
             value = site["value"]
-            frozen.add_node(name, **{**site, "value": value.detach() if isinstance(value, torch.Tensor) else value})
+            if isinstance(value, torch.Tensor):
+                value = value.detach()  # kept by a recording (pyro_vae.capture records detach as it is)
+            frozen.add_node(name, **{**site, "value": value})
     return frozen
 
 
@@ -332,27 +341,24 @@ def _log_densities(model_trace: Trace, guide_trace: Trace, plate: str):
     (see :class:`ImportanceWeightedELBO`)."""
     guide_sites = sample_sites(guide_trace)
     guided = {site["name"] for site in guide_sites}
-    scales = set()
-    log_p = log_q = 0.0
     for site in sample_sites(model_trace):
         if not site["is_observed"] and site["name"] not in guided:
             raise ImportanceWeightError(
                 f"latent site {site['name']!r} of the model is not sampled by the guide; the importance weights "
                 "p(x, z) / q(z|x) need a proposal q for every latent")
-        term, scale = _per_image_log_prob(site, plate, "model")
-        log_p, _ = log_p + term, scales.add(scale)
     for site in guide_sites:
         if not site["fn"].has_rsample:
             raise ImportanceWeightError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) cannot be reparameterised; the "
                 "importance-weighted estimators here need rsample at every guide site")
-        term, scale = _per_image_log_prob(site, plate, "guide")
-        log_q, _ = log_q + term, scales.add(scale)
-    if not isinstance(log_p, torch.Tensor) or not isinstance(log_q, torch.Tensor):
-        raise ImportanceWeightError("the importance-weighted bound needs sample sites in both model and guide")
+    model_terms = [_per_image_log_prob(site, plate, "model") for site in sample_sites(model_trace)]
+    guide_terms = [_per_image_log_prob(site, plate, "guide") for site in guide_sites]
+    if not model_terms or not guide_terms:
+        raise ImportanceWeightError("the importance-weighted bound needs sample sites in both the model and the guide")
+    scales = {scale for _, scale in model_terms + guide_terms}
     if len(scales) != 1:  # one plate, one minibatch: every site has the same N / B
         raise ImportanceWeightError(f"the sites' {plate!r} plates differ in N / B: {sorted(scales)}")
-    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    log_p, log_q = torch.broadcast_tensors(_total([t for t, _ in model_terms]), _total([t for t, _ in guide_terms]))
     images = log_p.shape[-1]
     return scales.pop(), log_p.reshape(-1, images), log_q.reshape(-1, images)
 
@@ -368,8 +374,7 @@ def _per_image_log_prob(site, plate: str, program: str):
     scale = site["scale"]
     plates = 1.0
     for f in site["cond_indep_stack"]:
-        if f.full_size is not None:
-            plates = plates * f.full_size / f.size
+        plates = plates * (f.full_size or f.size) / f.size
     if isinstance(scale, torch.Tensor) or not math.isclose(scale, plates, rel_tol=1e-9):
         weight = "a tensor" if isinstance(scale, torch.Tensor) else f"{scale / plates:.6g}"
         raise ImportanceWeightError(
@@ -381,13 +386,13 @@ def _per_image_log_prob(site, plate: str, program: str):
     if mask is not None:
         if not site["is_observed"]:
             raise ImportanceWeightError(
-                f"latent {program} site {name!r} is masked (poutine.mask; a KL weight of 0?); the "
-                "importance-weighted bound needs every latent's log-density: train it with --beta 1 and no "
-                "--kl-warmup-epochs")
+                f"latent {program} site {name!r} is masked (poutine.mask), its log-density dropped: a KL weight "
+                "of 0, or a program without a KL term such as the autoencoder (--model ae); the "
+                "importance-weighted bound needs every latent's log-density (and --beta 1, no --kl-warmup-epochs)")
         log_prob = scale_and_mask(log_prob, 1.0, mask)
     if frame.dim < -1:  # plates nested inside the data plate: their elements belong to the image
         log_prob = log_prob.sum(list(range(frame.dim + 1, 0)))
-    return log_prob, site["cond_indep_stack"] and frame.full_size / frame.size
+    return log_prob, (frame.full_size or frame.size) / frame.size
 
 
 MAX_PLATE_NESTING = 1  # the VAE has one plate, "data"

@@ -345,8 +345,9 @@ def _epoch_line(record: dict, cfg, program) -> str:
     if f"{split}_kl" in record:
         parts[-1] += f", kl {record[f'{split}_kl']:7.3f}"
     parts[-1] += ")"
-    if (record["kl_weight"] != 1.0 or cfg.objective != "elbo") and not getattr(program, "point_estimate", False):
-        parts.append(f"objective {record['train_objective']:9.3f} at kl weight {record['kl_weight']:.3g}")
+    if not getattr(program, "point_estimate", False):  # what the steps maximised, on the training minibatches
+        parts.append(f"train {cfg.objective} ({cfg.estimator}, K={cfg.num_particles}) {record['train_objective']:9.3f}"
+                     + (f" at kl weight {record['kl_weight']:.3g}" if record["kl_weight"] != 1.0 else ""))
     parts.append(f"{record['seconds']:6.1f}s")
     return "  ".join(parts)
 

@@ -82,6 +82,52 @@ def test_validation_runs_the_loss_eagerly():
     assert not loss.graphs
 
 
+class BernoulliLatent(torch.nn.Module):
+    """A discrete latent: its guide site has no rsample, so the ELBO's gradient carries a
+    score-function term built with ``detach``, which a recording must keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(4, 3)
+        self.decoder = torch.nn.Linear(3, 4)
+
+    def model(self, x, *, num_data=None):
+        import pyro.distributions as dist
+
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(torch.full((x.shape[0], 3), 0.5)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x.reshape(x.shape[0], -1))
+
+    def guide(self, x, *, num_data=None):
+        import pyro.distributions as dist
+
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=self.encoder(x.reshape(x.shape[0], -1))).to_event(1))
+
+
+def test_a_score_function_gradient_is_replayed_with_its_stop_gradients():
+    def steps(engine_name):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        program = BernoulliLatent()
+        engine = build_engine(engine_name, program, program.model, program.guide, build_elbo(), 1e-2,
+                              validate=False)
+        x = random_binary(8, (1, 2, 2), torch.float32)
+        pyro.set_rng_seed(1)
+        with pyro.get_param_store().scope():
+            for _ in range(5):
+                engine.step(x=x, num_data=8)
+        return program, engine
+
+    a, captured = steps("captured")
+    b, _ = steps("module")
+    assert captured.loss_fn.graphs and captured.loss_fn.eager_reason is None
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)  # the encoder's score-function gradient included
+
+
 class ValueDependentVAE(torch.nn.Module):
     """A program whose operations depend on the data's values: it cannot be recorded."""
 

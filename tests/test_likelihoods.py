@@ -60,6 +60,26 @@ def test_continuous_bernoulli_is_a_density_and_its_mean_is_the_true_mean(logit):
         assert mean != pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-3)
 
 
+@pytest.mark.parametrize("logit", [-20.0, -15.0, -3.0, -1e-3, 0.0, 0.05, 0.5, 15.0, 20.0])
+def test_continuous_bernoulli_holds_in_float32(logit):
+    """Against the exact density e^(eta x) / ((e^eta - 1) / eta), in float64: torch's own
+    implementation, on clamped probabilities, is 0.23 nats per pixel low at |eta| = 20."""
+    x = torch.tensor([0.0, 0.3, 1.0])
+    like = build_likelihood("continuous-bernoulli", 3)
+    got = like(torch.full((3,), logit)).log_prob(x)
+    eta = torch.tensor(logit, dtype=torch.float64)
+    log_z = torch.log(torch.expm1(eta) / eta) if logit != 0 else torch.tensor(0.0, dtype=torch.float64)
+    exact = (x.double() * eta - log_z).sum()
+    assert abs(float(got) - float(exact)) < 1e-4 * max(1.0, abs(float(exact)))
+    mean = float(like.mean(torch.tensor([logit])))
+    exact_mean = 0.5 if logit == 0 else float(1 / -torch.expm1(-eta) - 1 / eta)
+    assert mean == pytest.approx(exact_mean, abs=1e-6)
+    # and the gradient is finite everywhere, 0 included
+    logits = torch.full((3,), logit, requires_grad=True)
+    like(logits).log_prob(x).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 @pytest.mark.parametrize("name,scale_shape", [("gaussian", (D,)), ("gaussian-shared", ())])
 def test_gaussian_log_prob_and_its_learned_scale(name, scale_shape):
     like = build_likelihood(name, D).double()
