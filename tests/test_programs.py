@@ -221,3 +221,49 @@ def test_import_pyro_vae_train_gives_the_module():
     import pyro_vae.train
 
     assert hasattr(pyro_vae.train, "fit") and hasattr(pyro_vae.train, "train")
+
+
+# -- error paths a user of fit() meets ---------------------------------------------------------
+
+
+def test_a_model_and_guide_that_disagree_on_y_are_refused():
+    class GuideWithoutY(LabelledProgram):
+        def guide(self, x, *, num_data=None):
+            return super().guide(x, num_data=num_data)
+
+    with pytest.raises(TypeError, match="model takes y but its guide does not"):
+        ProgramCall(GuideWithoutY())
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no_colon_here", "is 'package.module:function'"),
+    ("programs:no_such_function", "cannot load the program factory"),
+    ("/nowhere/user_program.py:build", "no such file"),
+])
+def test_a_bad_factory_is_a_clear_error(spec, message):
+    from pyro_vae.runs import call_factory
+
+    with pytest.raises(ValueError, match=message):
+        call_factory(spec)
+
+
+def test_the_cli_says_how_to_evaluate_a_run_trained_on_tensors(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    fit(build_mixture_vae(), binary_images(32), tmp_path / "run", settings=SETTINGS,
+        factory="programs:build_mixture_vae", **quiet)
+    assert main(["evaluate", str(tmp_path / "run"), "--num-samples", "5"]) == 1
+    assert "evaluate it in Python" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3"]) == 1
+    assert "resume it in Python with pyro_vae.fit" in capsys.readouterr().err
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error_not_a_silent_drop(tmp_path):
+    from pyro_vae.runs import read_metrics
+
+    fit(build_mixture_vae(), binary_images(32), tmp_path / "run", settings=SETTINGS, **quiet)
+    path = tmp_path / "run" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("not json\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(RunDirError, match="line 1 is damaged"):
+        read_metrics(tmp_path / "run")
