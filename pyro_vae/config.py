@@ -116,11 +116,29 @@ class ModelConfig(_Section):
     activation: str = setting("softplus", "activation between layers", registry="pyro_vae.networks:ACTIVATIONS")
     network: str = setting("mlp", "encoder and decoder networks", registry="pyro_vae.networks:NETWORKS")
     likelihood: str = setting("bernoulli", "observation model p(x|z)", registry="pyro_vae.likelihoods:LIKELIHOODS")
+    # the decoder's output bias: torch's initialisation, or (Burda et al. 2016) the
+    # likelihood's parameter for the training set's mean image
+    decoder_bias: str = setting("random", "initial output bias of the decoder: random (torch's default) | data-mean "
+                                "(the training set's mean image, as Burda et al. 2016 initialised it)",
+                                choices=("random", "data-mean"))
+    # the upper stochastic layer of two-layer models (--model vae2): z2 -> z1 -> x
+    z2_dim: int = setting(50, "two-layer models only: dimension of the top latent z2 (z1 has --z-dim)", minimum=1)
+    z2_hidden_dims: tuple[int, ...] = setting((100, 100), "two-layer models only: hidden layer sizes of q(z2|z1) "
+                                              "(p(z1|z2) mirrors them)", minimum=1, metavar="N")
 
     def __post_init__(self):
-        if isinstance(self.hidden_dims, list):
-            object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        for name in ("hidden_dims", "z2_hidden_dims"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         super().__post_init__()
+
+    def refuse_upper_layer(self) -> None:
+        """For one-layer families: an upper-layer setting given to them would be silently unused."""
+        default = ModelConfig()
+        for name in ("z2_dim", "z2_hidden_dims"):
+            if getattr(self, name) != getattr(default, name):
+                raise ValueError(f"--{name.replace('_', '-')} sets the upper stochastic layer of a two-layer model; "
+                                 f"model {self.model!r} has one latent layer. Use --model vae2, or drop the flag")
 
 
 @dataclass(frozen=True)
@@ -178,6 +196,9 @@ class TrainConfig(_Section):
     beta: float = setting(1.0, "weight of the KL term (beta-VAE, Higgins et al. 2017)", minimum=0)
     kl_warmup_epochs: int = setting(0, "raise the KL weight linearly from ~0 to beta over this many epochs",
                                     minimum=0)
+    lr_schedule: str = setting("constant", "the learning rate over the epochs: constant | burda (Burda et al. 2016: "
+                               "stage i = 0..7 lasts 3^i epochs at lr * 10^(-i/7), 3280 epochs in all)",
+                               choices=("constant", "burda"))
 
     def __post_init__(self):
         super().__post_init__()

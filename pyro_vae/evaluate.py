@@ -79,15 +79,23 @@ def batch_elbo_terms(model, guide, x: torch.Tensor, **kwargs) -> dict[str, torch
         if site["is_observed"]:
             log_lik = log_lik + site["fn"].log_prob(site["value"])
     kl = 0.0
-    for q_site in sample_sites(guide_trace):
+    latents = sample_sites(guide_trace)
+    # A closed form needs q and p of the site to depend on no other latent: with one
+    # latent site both depend on x and the parameters alone. With several (z2 -> z1 -> x),
+    # p(z1|z2) depends on z2, which the guide draws from z1, so KL(q(z1|x) || p(z1|z2))
+    # at the drawn z2 is not the z1 term of the ELBO: score every site by Monte Carlo.
+    closed_form = len(latents) == 1
+    for q_site in latents:
         p_site = model_trace.nodes.get(q_site["name"])
         if p_site is None:
             kl = kl + q_site["fn"].log_prob(q_site["value"])
             continue
+        z = q_site["value"]
         try:
+            if not closed_form:
+                raise NotImplementedError
             kl = kl + kl_divergence(q_site["fn"], p_site["fn"])
         except NotImplementedError:  # no closed form: a one-sample Monte Carlo estimate
-            z = q_site["value"]
             kl = kl + q_site["fn"].log_prob(z) - p_site["fn"].log_prob(z)
     return {"log_lik": log_lik, "kl": kl, "elbo": log_lik - kl}
 
@@ -251,3 +259,32 @@ def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_s
     loc = posterior_means(program, images, batch_size)
     activity = loc.double().var(0, unbiased=False)
     return int((activity > threshold).sum()), activity
+
+
+@torch.no_grad()
+def latent_activity(model, guide, images: torch.Tensor, num_samples: int = 100, batch_size: int = 500,
+                    seed: int = 0, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    r"""Burda et al.'s activity of every latent unit of every guide site, for any program.
+
+    For site ``u`` and unit ``d``, :math:`A_{u,d} = \operatorname{Var}_x\big(\mathbb{E}_{q(u|x)}[u_d]\big)`
+    (population variance over ``images``). The inner expectation is the mean of the
+    site's distribution given what the guide drew before it, averaged over ``num_samples``
+    draws of those (vectorised): exact for a site that depends on x alone (z1, or the
+    one-layer VAE's z), a Monte Carlo average for an upper layer (E_q[z2|x] =
+    E_{q(z1|x)}[mean of q(z2|z1)]). Returns ``{site: activity of shape (units,)}``; a unit is
+    active when its activity exceeds 0.01.
+    """
+    means: dict[str, list[torch.Tensor]] = {}
+    with forked_rng(seed):
+        for x, extra in _batches(images, labels, batch_size):
+            with pyro.plate("particles", num_samples, dim=-2):
+                trace = poutine.trace(guide).get_trace(x, **extra)
+            for site in sample_sites(trace):
+                mean = site["fn"].mean.expand(num_samples, x.shape[0], *site["fn"].event_shape)
+                means.setdefault(site["name"], []).append(mean.double().mean(0).reshape(x.shape[0], -1))
+    return {name: torch.cat(parts).var(0, unbiased=False) for name, parts in means.items()}
+
+
+def active_unit_counts(activity: dict[str, torch.Tensor], threshold: float = 0.01) -> dict[str, int]:
+    """``{site: number of units whose activity exceeds threshold}`` of :func:`latent_activity`."""
+    return {name: int((a > threshold).sum()) for name, a in activity.items()}

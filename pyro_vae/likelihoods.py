@@ -66,6 +66,26 @@ class Likelihood(nn.Module):
         """Elementwise: which values lie outside the support."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def output_for_mean(self, mean: torch.Tensor, bound: float = 12.0) -> torch.Tensor:
+        """The decoder output whose mean ``self.mean(out)`` is ``mean``, elementwise.
+
+        Every likelihood here has a mean that increases with the decoder output (a sigmoid,
+        or the continuous Bernoulli's mean of its logit), so bisection over
+        ``[-bound, bound]`` finds it; means beyond what that range reaches get the end of
+        the range (a pixel that is 0 in every training image: output ``-bound``).
+        Used to start the decoder's output bias at the training set's mean image.
+        """
+        low = torch.full_like(mean, -bound, dtype=torch.float64)
+        high = torch.full_like(mean, bound, dtype=torch.float64)
+        target = mean.double()
+        for _ in range(60):
+            mid = (low + high) / 2
+            above = self.mean(mid) > target
+            high = torch.where(above, mid, high)
+            low = torch.where(above, low, mid)
+        return ((low + high) / 2).to(mean.dtype)
+
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Raise ``ValueError`` when any value of ``x`` lies outside the support (one host read)."""
         if not torch.is_floating_point(x):

@@ -79,6 +79,11 @@ class MLPDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
 
+    @property
+    def output_bias(self) -> torch.Tensor:
+        """The bias of the last layer: one value per output."""
+        return self.net[-1].bias
+
 
 class ConvEncoder(nn.Module):
     """A small convolutional encoder for (C, H, W) images with H and W divisible by 4.

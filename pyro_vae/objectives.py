@@ -104,6 +104,12 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     """
 
     def _elbo_particle(self, model_trace, guide_trace):
+        latents = [site["name"] for site in sample_sites(guide_trace)]
+        if len(latents) > 1:
+            raise ValueError(
+                f"estimator 'meanfield' computes each latent site's KL in closed form, which is the ELBO's term only "
+                f"when p and q of the site depend on no other latent; this program has latent sites {latents} "
+                "(a hierarchy such as z2 -> z1 -> x breaks that): use --estimator trace, iwae or iwae-dreg")
         terms = []
         for site in sample_sites(model_trace):
             if site["is_observed"]:

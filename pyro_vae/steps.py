@@ -66,6 +66,13 @@ class SVIEngine:
     def check(self) -> None:
         """Nothing deferred: every step was checked as it ran."""
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps (Pyro keeps one torch Adam per tensor)."""
+        self.optim.pyro_optim_args["lr"] = lr
+        for optim in self.optim.optim_objs.values():
+            for group in optim.param_groups:
+                group["lr"] = lr
+
     def state_dict(self) -> dict:
         return self.optim.get_state()
 
@@ -109,6 +116,11 @@ class ModuleEngine:
         if self.deferred and int(self.first_bad) >= 0:
             back = self.steps - int(self.first_bad)
             raise NonFiniteError(f"the loss or a gradient was NaN or infinite {back} step(s) before the last one")
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps."""
+        for group in self.optim.param_groups:
+            group["lr"] = lr
 
     def state_dict(self) -> dict:
         return self.optim.state_dict()
@@ -207,6 +219,28 @@ def build_engine(name: str, program, model, guide, elbo, lr: float, validate: bo
     steps with Pyro's validation off: for callers that checked all of the data beforehand
     (the training loop does)."""
     return ENGINES[name](program, model, guide, elbo, lr, validate)
+
+
+BURDA_STAGES = 8  # Burda et al. (2016): stage i of 3^i passes at lr * 10^(-i/7), 3,280 passes in all
+
+
+def learning_rate(lr: float, schedule: str, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (counted from 0).
+
+    ``constant``: ``lr`` throughout. ``burda``: Burda et al.'s schedule, epoch by epoch:
+    stage i (i = 0..7) lasts 3^i epochs at ``lr * 10^(-i/7)`` (1 + 3 + ... + 2187 = 3,280
+    epochs), and later epochs stay at the last stage's rate. A run of E < 3,280 epochs
+    takes the paper's first E epochs. The rate depends on the epoch alone, so a resumed
+    run, or one resumed with more epochs, takes the rates an uninterrupted run would.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "burda":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant or burda")
+    stage = 0
+    while stage < BURDA_STAGES - 1 and epoch >= (3 ** (stage + 1) - 1) // 2:
+        stage += 1
+    return lr * 10 ** (-stage / 7)
 
 
 class LearnedTensorError(TypeError):

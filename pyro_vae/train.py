@@ -37,7 +37,7 @@ from .objectives import build_elbo, kl_weight, training_program
 from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
                    build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
                    write_json)
-from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory
+from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory, learning_rate
 
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
 CHECK_SEED = 54321  # the noise of the one call that checks the program's learned tensors
@@ -213,6 +213,10 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if not _seeded:  # (train() seeded before it built the program, and the stream goes on from there)
         rng.set_seed(cfg.seed)
     program = program.to(device)
+    initialize = getattr(program, "initialize_from_data", None)
+    if state is None and initialize is not None:
+        # dynamically binarised images are the grey ones in expectation
+        initialize(training_set.data.images if training_set.dynamic else training_set.images(0))
     if state is not None:
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
@@ -283,6 +287,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             perm = training_set.permutation(epoch)
             if check_data is not None:
                 check_data(images, f"the training images of epoch {epoch + 1}")
+            engine.set_lr(learning_rate(cfg.lr, cfg.lr_schedule, epoch))
             bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress, file=sys.stderr, mininterval=0.5)
             for step in range(first, num_steps):
@@ -309,7 +314,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             bar.close()
             seconds += time.perf_counter() - t0
             weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + 1)  # the weight of the epoch's last step
-            record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight}
+            record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight,
+                      "lr": learning_rate(cfg.lr, cfg.lr_schedule, epoch)}
             engine.check()
             record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
                                         None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg))

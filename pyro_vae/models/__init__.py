@@ -25,6 +25,8 @@ Optional, and used when present:
 * ``binary_data``: True when the program scores binary data (grey images are then
   binarised by :func:`pyro_vae.train.train`).
 * ``point_estimate``: True when the guide is a point mass (no ELBO, only log p(x|z)).
+* ``initialize_from_data(images)``: called once with the training images before the
+  first step of a new run (not on resume), e.g. to start an output bias at the data's mean.
 * Views for figures and diagnostics (:mod:`pyro_vae.views`): ``z_dim``, ``image_shape``,
   ``posterior_mean(x)``, ``encode(x) -> (loc, scale)``, ``decode(z)``, ``sample_prior(n)``.
 """
@@ -119,4 +121,4 @@ def _arguments(fn) -> set[str]:
     return {p.name for p in params}
 
 
-from . import ae, vae  # noqa: E402,F401  (register the built-in families)
+from . import ae, vae, vae2  # noqa: E402,F401  (register the built-in families)

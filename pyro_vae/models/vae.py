@@ -136,6 +136,15 @@ class VAE(nn.Module):
         """Raise unless the likelihood can score every image of ``x``."""
         self.likelihood.check_data(self._flatten(x, check=False), what)
 
+    bias_from_data = False  # set by ModelConfig(decoder_bias="data-mean")
+
+    def initialize_from_data(self, images: torch.Tensor) -> None:
+        """Before a new run's first step: with ``bias_from_data``, start the decoder's output
+        bias at the likelihood's parameter for the training set's mean image (Burda et al.
+        2016 did so), so the first steps learn structure rather than the average pixel."""
+        if self.bias_from_data:
+            start_output_at_mean(self.decoder, self.likelihood, self._flatten(images, check=False))
+
     # -- views of the same networks, for figures and diagnostics (pyro_vae.views) ----
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +206,16 @@ def kl_scaled(kl_weight: float):
     return poutine.scale(scale=kl_weight)
 
 
+@torch.no_grad()
+def start_output_at_mean(decoder: nn.Module, likelihood, images: torch.Tensor) -> None:
+    """Set ``decoder.output_bias`` so that, at weights 0, it decodes the mean of ``images`` ``(N, D)``."""
+    bias = getattr(decoder, "output_bias", None)
+    if bias is None or bias.shape != images.shape[1:]:
+        raise ValueError(f"decoder_bias='data-mean' needs a decoder with one output bias per pixel (the mlp "
+                         f"network); {type(decoder).__name__} has none; use decoder_bias='random'")
+    bias.copy_(likelihood.output_for_mean(images.double().mean(0)).to(bias.dtype))
+
+
 def networks_and_likelihood(config, image_shape: Sequence[int]):
     """(encoder, decoder, likelihood) as a :class:`pyro_vae.config.ModelConfig` describes them."""
     encoder, decoder = build_networks(config.network, image_shape, config.z_dim, config.hidden_dims,
@@ -206,5 +225,8 @@ def networks_and_likelihood(config, image_shape: Sequence[int]):
 
 @MODELS.register("vae", "the VAE: z ~ N(0, I), x | z ~ the likelihood, q(z|x) a diagonal Gaussian")
 def vae_from_config(config, image_shape: Sequence[int]) -> VAE:
+    config.refuse_upper_layer()
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)
-    return VAE(encoder, decoder, config.z_dim, image_shape, likelihood)
+    vae = VAE(encoder, decoder, config.z_dim, image_shape, likelihood)
+    vae.bias_from_data = config.decoder_bias == "data-mean"
+    return vae
