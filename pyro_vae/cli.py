@@ -268,7 +268,7 @@ def _test_data(run, limit=None):
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .evaluate import bits_per_dim, evaluate_model
+    from .evaluate import active_unit_counts, bits_per_dim, evaluate_model
 
     run = _load(args.run_dir, args)
     test = _test_data(run, args.limit)
@@ -279,9 +279,13 @@ def cmd_evaluate(args) -> int:
                                 progress=bar.update, labels=test.labels)
     continuous = not getattr(run.program, "binary_data", True)
     dims = images[0].numel()
+    activity = _activity(run, test)
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
         out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
+        if activity is not None:
+            out["active_units"] = {name: {"active": active_unit_counts({name: a})[name], "units": a.numel()}
+                                   for name, a in activity.items()}
         if continuous:
             for key, est in report.items():
                 if key.startswith("log_px"):
@@ -296,7 +300,26 @@ def cmd_evaluate(args) -> int:
         if continuous and key.startswith("log_px"):
             line += f"   = {bits_per_dim(est.mean, dims):.4f} +- {-bits_per_dim(est.stderr, dims):.4f} bits per dimension"
         print(line)
+    if activity is not None:
+        counts = active_unit_counts(activity)
+        print("  active units     " + ", ".join(f"{name} {counts[name]}/{a.numel()}" for name, a in activity.items())
+              + "   (Var_x E_q[u|x] > 0.01, Burda et al.)")
     return 0
+
+
+def _activity(run, test):
+    """Active units of each latent site of the guide, or None when a site's distribution has no mean."""
+    import pyro
+
+    from .evaluate import latent_activity
+    from .models import ProgramCall
+
+    labels = test.labels if ProgramCall(run.program).takes["y"] else None
+    try:
+        with pyro.get_param_store().scope():
+            return latent_activity(run.program.model, run.program.guide, test.images, labels=labels)
+    except NotImplementedError:
+        return None
 
 
 def cmd_sample(args) -> int:

@@ -66,20 +66,23 @@ class Likelihood(nn.Module):
         """Elementwise: which values lie outside the support."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def output_for_mean(self, mean: torch.Tensor, bound: float = 12.0) -> torch.Tensor:
-        """The decoder output whose mean ``self.mean(out)`` is ``mean``, elementwise.
+    MEAN_FLOOR = 1e-3  # output_for_mean aims at means in [MEAN_FLOOR, 1 - MEAN_FLOOR]
 
-        Every likelihood here has a mean that increases with the decoder output (a sigmoid,
-        or the continuous Bernoulli's mean of its logit), so bisection over
-        ``[-bound, bound]`` finds it; means beyond what that range reaches get the end of
-        the range (a pixel that is 0 in every training image: output ``-bound``).
-        Used to start the decoder's output bias at the training set's mean image.
+    @torch.no_grad()
+    def output_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The decoder output whose mean ``self.mean(out)`` is ``mean``, elementwise, for
+        means clipped to ``[MEAN_FLOOR, 1 - MEAN_FLOOR]``.
+
+        The clip keeps a pixel that is 0 in every training image (MNIST's border) at a
+        finite output (a Bernoulli logit of -6.9) that a test image with ink there can
+        still afford. Every likelihood here has a mean that increases with the decoder
+        output (a sigmoid, or the continuous Bernoulli's mean of its logit), so bisection
+        finds it. Used to start the decoder's output bias at the training set's mean image.
         """
-        low = torch.full_like(mean, -bound, dtype=torch.float64)
-        high = torch.full_like(mean, bound, dtype=torch.float64)
-        target = mean.double()
-        for _ in range(60):
+        target = mean.double().clamp(self.MEAN_FLOOR, 1 - self.MEAN_FLOOR)
+        low = torch.full_like(target, -1e4)
+        high = torch.full_like(target, 1e4)
+        for _ in range(80):
             mid = (low + high) / 2
             above = self.mean(mid) > target
             high = torch.where(above, mid, high)

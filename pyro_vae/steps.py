@@ -68,10 +68,12 @@ class SVIEngine:
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the following steps (Pyro keeps one torch Adam per tensor)."""
-        self.optim.pyro_optim_args["lr"] = lr
-        for optim in self.optim.optim_objs.values():
-            for group in optim.param_groups:
-                group["lr"] = lr
+        self.optim.pt_optim_args["lr"] = lr  # for the tensors' optimisers created from now on
+        groups = [g for optim in self.optim.optim_objs.values() for g in optim.param_groups]
+        # a resumed run's states wait for their tensor's first step, carrying the rate they were saved with
+        groups += [g for state in self.optim._state_waiting_to_be_consumed.values() for g in state["param_groups"]]
+        for group in groups:
+            group["lr"] = lr
 
     def state_dict(self) -> dict:
         return self.optim.get_state()

@@ -62,12 +62,15 @@ def test_evaluate_json(run_dir, capsys):
     assert report["elbo"]["mean"] == pytest.approx(report["log_lik"]["mean"] - report["kl"]["mean"], rel=1e-6)
     # with 50 samples the importance-weighted bound sits above the ELBO
     assert report["log_px_is50"]["mean"] > report["elbo"]["mean"]
+    units = report["active_units"]["z"]
+    assert units["units"] == 4 and 0 <= units["active"] <= 4
 
 
 def test_evaluate_text(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--num-samples", "5", "--limit", "10"]) == 0
     out = capsys.readouterr().out
     assert "log_px_is5" in out and "+-" in out
+    assert "active units     z " in out and "/4" in out
 
 
 def test_sample_and_reconstruct_write_pngs(run_dir, tmp_path):

@@ -47,3 +47,26 @@ def test_posterior_collapse_script_smoke(tmp_path, data_dir):
         assert 0 <= s["active_units"] <= s["z_dim"] == 50
         assert s["test_elbo"] == pytest.approx(s["test_log_lik"] - s["test_kl"], abs=1e-3)
     assert "| active units |" in stdout
+
+
+@pytest.mark.slow
+def test_iwae_table_script_smoke(tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--smoke", "--runs", str(runs)]
+    proc = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"iwae_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("$ pyro-vae train") == 2  # the commands are printed for the docs
+    one, two = (json.loads((runs / row / "iwae-table.json").read_text()) for row in ("1-vae-1", "2-iwae-5"))
+    assert one["units"] == {"z": 5} and two["units"] == {"z1": 8, "z2": 4}
+    assert two["config"]["train"]["estimator"] == "iwae" and two["config"]["train"]["num_particles"] == 5
+    for r in (one, two):
+        assert r["num_samples"] == 10 and r["num_test_images"] == 100 and r["epochs"] == 1
+        assert 0 < r["nll"] < 784 * 0.7 and r["nll_stderr"] > 0  # below a coin per pixel
+    table = (runs / "table.md").read_text()
+    assert table.count("\n") == 12 and table.count("not yet") == 8
+    # a second call trains nothing (both rows are finished and evaluated) and prints the same table
+    again = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "$ pyro-vae train" not in again.stdout and table.strip() in again.stdout

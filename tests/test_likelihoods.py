@@ -136,3 +136,6 @@ def test_every_likelihood_keeps_the_contract(name):
     assert torch.isfinite(d.log_prob(x)).all() and d.log_prob(x).shape == (3, 4)
     # its learned tensors are parameters of the module (so the program owns and saves them)
     assert all(p.requires_grad for p in like.parameters())
+    # output_for_mean inverts mean (decoder_bias="data-mean" starts the decoder there)
+    target = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
+    assert torch.allclose(like.mean(like.output_for_mean(target)), target, atol=1e-9)
