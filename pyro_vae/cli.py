@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("gaps", help="how good is q(z|x): approximation and amortisation gaps per test image "
+                                    "(Cremer et al. 2018)")
+    _run_args(p)
+    p.add_argument("--limit", type=_int_at_least(1), default=1000, metavar="N",
+                   help="the first N test images (default: 1000)")
+    p.add_argument("--num-samples", type=_int_at_least(1), default=5000, metavar="K",
+                   help="importance samples of log p(x), and draws of each ELBO (default: 5000)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=100, metavar="N",
+                   help="images optimised together (default: 100)")
+    p.add_argument("--max-steps", type=_int_at_least(100), default=5000, metavar="N",
+                   help="most Adam steps of the per-image optimisation (default: 5000)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the Monte Carlo noise (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_gaps)
+
     p = sub.add_parser("sample", help="PNG grid of images decoded from prior samples")
     _run_args(p)
     p.add_argument("--num", type=_int_at_least(1), default=64, metavar="N", help="images (default: 64)")
@@ -304,6 +319,37 @@ def cmd_evaluate(args) -> int:
         counts = active_unit_counts(activity)
         print("  active units     " + ", ".join(f"{name} {counts[name]}/{a.numel()}" for name, a in activity.items())
               + "   (Var_x E_q[u|x] > 0.01, Burda et al.)")
+    return 0
+
+
+def cmd_gaps(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .posterior import inference_gaps, local_family
+
+    run = _load(args.run_dir, args)
+    local_family(run.program)  # a clear error before any data loads
+    test = _test_data(run, args.limit)
+    with tqdm(total=test.images.shape[0], desc="optimising q* per image", unit="img", disable=args.json,
+              file=sys.stderr) as bar:
+        gaps = inference_gaps(run.program, test.images, num_samples=args.num_samples, elbo_samples=args.num_samples,
+                              batch_size=args.batch_size, seed=args.seed, progress=bar.update,
+                              max_steps=args.max_steps)
+    report = gaps.report()
+    if args.json:
+        out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": test.images.shape[0],
+               "num_samples": args.num_samples, "optimizer_steps": gaps.steps}
+        out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
+        print(json.dumps(out))
+        return 0
+    print(f"{run.run_dir} after {run.epoch} epochs, {test.images.shape[0]} test images, K = {args.num_samples} "
+          "(nats per image, mean +- s.e.)")
+    names = {"log_px": "log p(x)", "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
+             "inference_gap": "inference gap", "approximation_gap": "  approximation", "amortization_gap":
+             "  amortisation"}
+    for key, est in report.items():
+        print(f"  {names[key]:<22} {est}")
+    print(f"  (q* took {min(gaps.steps)}-{max(gaps.steps)} Adam steps per batch of {args.batch_size})")
     return 0
 
 

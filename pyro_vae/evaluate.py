@@ -121,6 +121,11 @@ def batch_log_weights(model, guide, x: torch.Tensor, num_samples: int, **kwargs)
     The K draws are vectorised with an outer ``"particles"`` plate, so the networks see
     one ``(K, B, .)`` batch.
     """
+    return log_weights(model, guide, x, num_samples, **kwargs)
+
+
+def log_weights(model, guide, x: torch.Tensor, num_samples: int, **kwargs) -> torch.Tensor:
+    """:func:`batch_log_weights` with gradients (to optimise a guide through them)."""
     with pyro.plate("particles", num_samples, dim=-2):
         model_trace, guide_trace = _traces(model, guide, x, **kwargs)
     log_w = 0.0

@@ -22,6 +22,7 @@ class Autoencoder(VAE):
 
     point_estimate = True
     encode = None  # no Gaussian posterior to view: the guide is a point mass at the encoder's loc
+    local_family = None  # nor a family of distributions to optimise per image
 
     def posterior(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
         return dist.Delta(loc).to_event(1)

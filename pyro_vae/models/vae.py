@@ -147,6 +147,14 @@ class VAE(nn.Module):
 
     # -- views of the same networks, for figures and diagnostics (pyro_vae.views) ----
 
+    def local_family(self):
+        """The guide's per-image family, N(loc, diag scale^2) over ``"z"`` (pyro_vae.posterior)."""
+        from torch.distributions import constraints
+
+        from ..posterior import LocalFamily
+
+        return LocalFamily("z", self.encode, self.posterior, (constraints.real, constraints.positive))
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z|x) for a batch of images."""
         return self.encoder(self._flatten(x, check=False))

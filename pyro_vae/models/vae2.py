@@ -54,6 +54,7 @@ class TwoLayerVAE(VAE):
     """
 
     encode = None
+    local_family = None  # q(z2|z1) depends on the draw of z1: no per-image family over one site
     prior = None  # the prior of z1 is p(z1|z2), not a fixed distribution (see top_prior)
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, upper_encoder: nn.Module, upper_decoder: nn.Module,

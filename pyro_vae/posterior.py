@@ -1,0 +1,223 @@
+r"""How good is q(z|x)? The inference gaps of Cremer, Li & Duvenaud (2018), and NUTS.
+
+For an image x, a program's amortised guide q(z|x) is one member of a family
+:math:`\{q_\lambda\}` whose parameters :math:`\lambda = f_\phi(x)` an encoder computes.
+The member best for that image alone, :math:`q^* = q_{\lambda^*}` with
+:math:`\lambda^* = \arg\max_\lambda \mathcal{L}[q_\lambda]`, splits the gap between log p(x)
+and the ELBO in two:
+
+.. math::
+
+    \underbrace{\log p(x) - \mathcal{L}[q]}_{\text{inference gap}}
+    = \underbrace{\log p(x) - \mathcal{L}[q^*]}_{\text{approximation gap}}
+    + \underbrace{\mathcal{L}[q^*] - \mathcal{L}[q]}_{\text{amortisation gap}}
+
+The approximation gap is the price of the family (a diagonal Gaussian cannot be a
+correlated or multimodal posterior); the amortisation gap is the price of one encoder
+for all images. :func:`inference_gaps` measures the three per image:
+
+* :math:`\lambda^*` by Adam on a Monte Carlo ELBO, started at the encoder's output and
+  stopped when a round of steps no longer improves the ELBO (measured on fixed noise);
+* :math:`\mathcal{L}[q]` and :math:`\mathcal{L}[q^*]` from many samples each;
+* log p(x) by importance sampling with :math:`q^*` as the proposal (closer to the
+  posterior than q, so its bound is the tighter one; both are lower bounds).
+
+A program offers its family through the ``local_family`` view (:class:`LocalFamily`).
+:func:`nuts_posterior` samples the true posterior p(z|x) of one image with Pyro's NUTS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pyro
+import torch
+from torch.distributions import biject_to
+
+from .evaluate import Estimate, batch_log_weights, log_weights
+from .rng import forked_rng
+
+
+class NoLocalFamily(ValueError):
+    """The program's guide has no per-image parametric family to optimise."""
+
+
+@dataclass(frozen=True)
+class LocalFamily:
+    """The per-image family of a program's guide over one latent site.
+
+    ``parameters(x)``: the amortised parameters, a tuple of tensors ``(B, ...)``;
+    ``distribution(*params)``: the guide's distribution of ``site`` given them (one event per image);
+    ``constraints``: the support of each parameter (the optimiser works in unconstrained space).
+    """
+
+    site: str
+    parameters: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    distribution: Callable[..., object]
+    constraints: tuple
+
+    def guide(self, params: Sequence[torch.Tensor]):
+        """A Pyro guide drawing ``site`` from this family at ``params``, one member per image."""
+
+        def guide(x, **_):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample(self.site, self.distribution(*params))
+
+        return guide
+
+
+def local_family(program) -> LocalFamily:
+    """The program's :class:`LocalFamily` (its ``local_family()`` view), or a clear error."""
+    view = getattr(program, "local_family", None)
+    if view is None:
+        why = ("its guide is a point mass, with no ELBO to optimise" if getattr(program, "point_estimate", False)
+               else "it has no local_family() view")
+        raise NoLocalFamily(
+            f"{type(program).__name__} has no per-image parametric guide family ({why}); the inference gaps need a "
+            "guide q(z|x) = family(parameters(x)) over one latent site: the VAE, or a program with a local_family() "
+            "method returning pyro_vae.posterior.LocalFamily")
+    return view()
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """The module's parameters without gradients for the duration (the optimiser moves the guide's only)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def elbo_of(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500) -> torch.Tensor:
+    """Per-image ELBO ``E_q[log p(x, z) - log q(z)]`` from ``num_samples`` draws, ``(B,)``."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for k0 in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - k0)
+        total += batch_log_weights(model, guide, x, k).double().sum(0)
+    return total / num_samples
+
+
+def importance_log_px(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500) -> torch.Tensor:
+    """Per-image ``log (1/K) sum_k p(x, z_k) / q(z_k)`` with z_k from ``guide``, ``(B,)``."""
+    total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+    for k0 in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - k0)
+        total = torch.logaddexp(total, torch.logsumexp(batch_log_weights(model, guide, x, k).double(), 0))
+    return total - math.log(num_samples)
+
+
+def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, samples: int = 100,
+                             lr: float = 1e-2, round_steps: int = 100, max_steps: int = 5000, tolerance: float = 0.01,
+                             check_samples: int = 500, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], int]:
+    """lambda* per image: Adam on the ELBO of each image's own member of the family.
+
+    Starts at the encoder's output; each step averages ``samples`` draws per image (the
+    images' parameters are independent, so one summed loss optimises all at once). After
+    every ``round_steps`` steps the batch's mean ELBO is measured on the same noise each
+    time (``check_samples`` draws); the optimisation stops when a round improves it by less
+    than ``tolerance`` nats, or after ``max_steps``. Returns the parameters and the steps taken.
+    """
+    with torch.no_grad():
+        start = family.parameters(x)
+    transforms = [biject_to(c) for c in family.constraints]
+    free = [t.inv(p.detach()).clone().requires_grad_(True) for t, p in zip(transforms, start)]
+    optim = torch.optim.Adam(free, lr=lr)
+
+    def current():
+        return tuple(t(u) for t, u in zip(transforms, free))
+
+    def check() -> float:
+        with torch.no_grad(), forked_rng(seed + 1):
+            return float(elbo_of(program.model, family.guide(current()), x, check_samples).mean())
+
+    best, steps = check(), 0
+    with frozen(program), forked_rng(seed):
+        while steps < max_steps:
+            for _ in range(round_steps):
+                log_w = log_weights(program.model, family.guide(current()), x, samples)
+                loss = -log_w.mean(0).sum()
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+            steps += round_steps
+            now = check()
+            if now - best < tolerance:
+                break
+            best = now
+    return tuple(p.detach() for p in current()), steps
+
+
+@dataclass(frozen=True)
+class Gaps:
+    """Per-image values (nats), each ``(N,)``, and the optimisation's steps per batch."""
+
+    log_px: torch.Tensor
+    elbo_amortized: torch.Tensor
+    elbo_optimal: torch.Tensor
+    steps: list[int]
+
+    @property
+    def approximation(self) -> torch.Tensor:
+        return self.log_px - self.elbo_optimal
+
+    @property
+    def amortization(self) -> torch.Tensor:
+        return self.elbo_optimal - self.elbo_amortized
+
+    @property
+    def inference(self) -> torch.Tensor:
+        return self.log_px - self.elbo_amortized
+
+    def report(self) -> dict[str, Estimate]:
+        return {"log_px": Estimate.of(self.log_px), "elbo_amortized": Estimate.of(self.elbo_amortized),
+                "elbo_optimal": Estimate.of(self.elbo_optimal), "inference_gap": Estimate.of(self.inference),
+                "approximation_gap": Estimate.of(self.approximation),
+                "amortization_gap": Estimate.of(self.amortization)}
+
+
+def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, elbo_samples: int = 5000,
+                   batch_size: int = 100, seed: int = 0, progress=None, **optimize) -> Gaps:
+    """log p(x), L[q] and L[q*] of every image (module docstring); ``optimize`` goes to
+    :func:`optimal_local_parameters`."""
+    if num_samples < 1 or elbo_samples < 1:
+        raise ValueError(f"num_samples and elbo_samples must be at least 1, got {num_samples} and {elbo_samples}")
+    family = local_family(program)
+    parts: dict[str, list[torch.Tensor]] = {"log_px": [], "elbo_amortized": [], "elbo_optimal": []}
+    steps = []
+    with pyro.get_param_store().scope():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size]
+            batch_seed = seed + start  # noise of each batch from its position: any --limit gives the same values
+            with torch.no_grad(), forked_rng(batch_seed):
+                parts["elbo_amortized"].append(elbo_of(program.model, program.guide, x, elbo_samples))
+            best, taken = optimal_local_parameters(program, family, x, seed=batch_seed, **optimize)
+            steps.append(taken)
+            optimal = family.guide(best)
+            with torch.no_grad(), forked_rng(batch_seed + 2):
+                parts["elbo_optimal"].append(elbo_of(program.model, optimal, x, elbo_samples))
+                parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples))
+            if progress is not None:
+                progress(x.shape[0])
+    return Gaps(*(torch.cat(parts[k]) for k in ("log_px", "elbo_amortized", "elbo_optimal")), steps)
+
+
+def nuts_posterior(program, x: torch.Tensor, *, num_samples: int = 1000, warmup: int = 500, seed: int = 0,
+                   site: str = "z") -> torch.Tensor:
+    """Draws of the true posterior p(z|x) of one image ``x`` (shape ``(1, ...)``) by NUTS,
+    ``(num_samples, z_dim)``: :class:`pyro.infer.MCMC` on the program's model with x observed."""
+    from pyro.infer import MCMC, NUTS
+
+    def model():
+        return program.model(x, num_data=1)
+
+    with pyro.get_param_store().scope(), frozen(program), forked_rng(seed):
+        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=True)
+        mcmc.run()
+    return mcmc.get_samples()[site].reshape(num_samples, -1).detach()

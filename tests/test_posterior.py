@@ -1,0 +1,167 @@
+"""How good is q(z|x): the inference gaps and NUTS, against a model whose posterior is exact.
+
+z ~ N(0, I_2), x | z ~ N(W z + b, s^2 I_3) with orthogonal columns of W: the posterior is
+a Gaussian with a diagonal covariance, so a diagonal-Gaussian guide can be exact, and
+log p(x) = log N(x; b, W W^T + s^2 I) is known in closed form.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.ops.stats import effective_sample_size
+from torch import nn
+from torch.distributions import constraints
+
+from pyro_vae.cli import main
+from pyro_vae.models import data_plate
+from pyro_vae.posterior import (LocalFamily, NoLocalFamily, inference_gaps, local_family, nuts_posterior,
+                                optimal_local_parameters)
+
+W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+B = torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64)
+S = 0.7
+
+
+class LinearGaussian(nn.Module):
+    """The model above, with an amortised guide that is deliberately not the posterior."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(W.clone()), nn.Parameter(B.clone())
+        self.enc = nn.Linear(3, 2).double()
+        with torch.no_grad():
+            self.enc.weight.fill_(0.1)
+        self.raw_scale = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def model(self, x, *, num_data=None):
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, S).to_event(1), obs=x)
+
+    def encode(self, x):
+        return self.enc(x), nn.functional.softplus(self.raw_scale).expand(x.shape[0], 2)
+
+    def guide(self, x, *, num_data=None):
+        with data_plate(x, num_data):
+            pyro.sample("z", dist.Normal(*self.encode(x)).to_event(1))
+
+    def local_family(self):
+        return LocalFamily("z", self.encode, lambda loc, scale: dist.Normal(loc, scale).to_event(1),
+                           (constraints.real, constraints.positive))
+
+
+def exact_posterior(x):
+    precision = torch.eye(2, dtype=torch.float64) + W.T @ W / S**2  # diagonal
+    cov = torch.linalg.inv(precision)
+    return (x - B) @ W @ cov / S**2, cov
+
+
+def exact_log_px(x):
+    return dist.MultivariateNormal(B, W @ W.T + S**2 * torch.eye(3, dtype=torch.float64)).log_prob(x)
+
+
+def images(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    return z @ W.T + B + S * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+
+
+def test_optimal_member_is_the_exact_posterior():
+    program, x = LinearGaussian(), images()
+    (loc, scale), steps = optimal_local_parameters(program, local_family(program), x, lr=2e-2, max_steps=3000)
+    mean, cov = exact_posterior(x)
+    # Adam at a fixed rate jitters around the optimum by about its step size
+    assert torch.allclose(loc, mean, atol=0.03) and torch.allclose(scale, cov.diagonal().sqrt().expand(6, 2), atol=0.03)
+    assert 100 <= steps <= 3000
+    # started at the encoder's output, which is far from it
+    start = program.encode(x)[0].detach()
+    assert (start - mean).abs().max() > 0.5
+
+
+def test_gaps_against_the_exact_values():
+    program, x = LinearGaussian(), images()
+    gaps = inference_gaps(program, x, num_samples=4000, elbo_samples=4000, lr=2e-2)
+    mean, cov = exact_posterior(x)
+    log_px = exact_log_px(x)
+    # log p(x) by importance sampling with q* as proposal: within its noise of the exact value
+    assert torch.allclose(gaps.log_px, log_px, atol=5e-3)
+    # the approximation gap is KL(q* || p(z|x)): zero for the exact family, up to the optimiser's jitter
+    report = gaps.report()
+    assert abs(report["approximation_gap"].mean) < 4 * report["approximation_gap"].stderr + 2e-3
+    # the amortised guide's gap: KL(q || p(z|x)) in closed form (both Gaussians)
+    q = dist.Normal(*program.encode(x)).to_event(1)
+    posterior = dist.Normal(mean, cov.diagonal().sqrt()).to_event(1)
+    kl = torch.distributions.kl_divergence(q, posterior).detach()
+    # L[q] averages 4000 draws of log p(x) - log q(z)/p(z|x): its standard error per image
+    z = q.sample((4000,))
+    stderr = (q.log_prob(z) - posterior.log_prob(z)).detach().std(0) / math.sqrt(4000)
+    assert ((gaps.inference - kl).abs() < 4 * stderr + 0.01).all(), (gaps.inference, kl, stderr)
+    assert (gaps.amortization > 0.5).all()
+    # the decomposition is exact, image by image
+    assert torch.allclose(gaps.inference, gaps.approximation + gaps.amortization, atol=1e-12, rtol=0)
+    r = report
+    assert r["inference_gap"].mean == pytest.approx(r["approximation_gap"].mean + r["amortization_gap"].mean,
+                                                     abs=1e-9)
+
+
+def test_nuts_samples_the_exact_posterior():
+    program, x = LinearGaussian(), images(1, seed=3)
+    samples = nuts_posterior(program, x, num_samples=1000, warmup=300)
+    mean, cov = exact_posterior(x)
+    ess = effective_sample_size(samples.unsqueeze(0), chain_dim=0, sample_dim=1)
+    sd = cov.diagonal().sqrt()
+    assert (ess > 200).all()
+    assert ((samples.mean(0) - mean[0]).abs() < 4 * sd / ess.sqrt()).all(), (samples.mean(0), mean)
+    # a sample variance's relative standard error is about sqrt(2 / ESS)
+    assert ((samples.var(0) / sd**2 - 1).abs() < 4 * (2 / ess).sqrt()).all()
+    assert abs(float(torch.corrcoef(samples.T)[0, 1])) < 4 / float(ess.min().sqrt())  # a diagonal posterior
+
+
+def test_programs_without_a_local_family_are_refused():
+    from pyro_vae import ModelConfig, build_model
+
+    for model, why in (("ae", "point mass"), ("vae2", "no local_family")):
+        program = build_model(ModelConfig(model=model, z_dim=2, hidden_dims=(4,)), (1, 2, 2))
+        with pytest.raises(NoLocalFamily, match=why):
+            inference_gaps(program, torch.zeros(3, 1, 2, 2))
+    with pytest.raises(ValueError, match="at least 1"):
+        inference_gaps(LinearGaussian(), images(), num_samples=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("gaps")
+    common = ["--train-limit", "200", "--test-limit", "20", "--epochs", "1", "--batch-size", "50", "--z-dim", "2",
+              "--hidden-dims", "16", "--data-dir", str(data_dir), "--no-progress"]
+    for name, extra in (("vae", []), ("ae", ["--model", "ae"])):
+        assert main(["train", "--out", str(root / name), *common, *extra]) == 0
+    return root
+
+
+def test_gaps_command_end_to_end(tiny_runs, capsys):
+    assert main(["gaps", str(tiny_runs / "vae"), "--limit", "4", "--num-samples", "50", "--max-steps", "200",
+                 "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 4 and report["num_samples"] == 50 and report["optimizer_steps"]
+    for key in ("log_px", "elbo_amortized", "elbo_optimal", "inference_gap", "approximation_gap", "amortization_gap"):
+        assert set(report[key]) == {"mean", "stderr"}
+    assert report["inference_gap"]["mean"] == pytest.approx(
+        report["approximation_gap"]["mean"] + report["amortization_gap"]["mean"], abs=1e-9)
+    assert report["elbo_optimal"]["mean"] > report["elbo_amortized"]["mean"]  # q* is at least as good, per image
+    assert main(["gaps", str(tiny_runs / "vae"), "--limit", "2", "--num-samples", "20", "--max-steps", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "amortisation" in out and "approximation" in out and "L[q*]" in out
+
+
+def test_gaps_command_refuses_bad_input(tiny_runs, capsys):
+    assert main(["gaps", str(tiny_runs / "ae"), "--limit", "2"]) == 1
+    assert "point mass" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["gaps", str(tiny_runs / "vae"), "--num-samples", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+    assert main(["gaps", str(tiny_runs / "nothing")]) == 1
