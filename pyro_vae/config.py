@@ -125,6 +125,8 @@ class ModelConfig(_Section):
     z2_dim: int = setting(50, "two-layer models only: dimension of the top latent z2 (z1 has --z-dim)", minimum=1)
     z2_hidden_dims: tuple[int, ...] = setting((100, 100), "two-layer models only: hidden layer sizes of q(z2|z1) "
                                               "(p(z1|z2) mirrors them)", minimum=1, metavar="N")
+    # the flow of flow guides (--model vae-iaf)
+    flow_steps: int = setting(2, "flow guides only: inverse autoregressive transforms after the Gaussian", minimum=1)
 
     def __post_init__(self):
         for name in ("hidden_dims", "z2_hidden_dims"):
@@ -132,13 +134,19 @@ class ModelConfig(_Section):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         super().__post_init__()
 
-    def refuse_upper_layer(self) -> None:
-        """For one-layer families: an upper-layer setting given to them would be silently unused."""
+    # settings that only some families read: (what the setting sets, the model that reads it)
+    FAMILY_SETTINGS = {"z2_dim": ("the upper stochastic layer of a two-layer model", "vae2"),
+                       "z2_hidden_dims": ("the upper stochastic layer of a two-layer model", "vae2"),
+                       "flow_steps": ("the inverse autoregressive flow of a flow guide", "vae-iaf")}
+
+    def refuse_unused(self, uses: tuple[str, ...] = ()) -> None:
+        """For a family that reads only ``uses`` of :attr:`FAMILY_SETTINGS`: a setting of
+        another family, given a non-default value, would be silently unused; refuse it."""
         default = ModelConfig()
-        for name in ("z2_dim", "z2_hidden_dims"):
-            if getattr(self, name) != getattr(default, name):
-                raise ValueError(f"--{name.replace('_', '-')} sets the upper stochastic layer of a two-layer model; "
-                                 f"model {self.model!r} has one latent layer. Use --model vae2, or drop the flag")
+        for name, (sets, family) in self.FAMILY_SETTINGS.items():
+            if name not in uses and getattr(self, name) != getattr(default, name):
+                raise ValueError(f"--{name.replace('_', '-')} sets {sets}; model {self.model!r} does not have one. "
+                                 f"Use --model {family}, or drop the flag")
 
 
 @dataclass(frozen=True)

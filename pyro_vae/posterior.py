@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -89,7 +90,9 @@ def frozen(module: torch.nn.Module):
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        yield
+        with warnings.catch_warnings():  # pyro.module notes that frozen tensors stay out of its param store
+            warnings.filterwarnings("ignore", message=".*was not registered in the param store")
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

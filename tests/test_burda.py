@@ -110,7 +110,7 @@ def test_meanfield_estimator_refuses_a_hierarchy():
 
 def test_one_layer_models_refuse_the_upper_layer_settings(tmp_path, capsys):
     for model in ("vae", "ae"):
-        with pytest.raises(ValueError, match="--z2-dim sets the upper stochastic layer.*--model vae2"):
+        with pytest.raises(ValueError, match="--z2-dim sets the upper stochastic layer.*Use --model vae2"):
             build_model(ModelConfig(model=model, z2_dim=30), SHAPE)
     assert main(["train", "--z2-hidden-dims", "7", "--out", str(tmp_path / "run"), "--train-limit", "100"]) == 1
     assert "--z2-hidden-dims sets the upper stochastic layer" in capsys.readouterr().err

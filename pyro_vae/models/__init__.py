@@ -121,4 +121,4 @@ def _arguments(fn) -> set[str]:
     return {p.name for p in params}
 
 
-from . import ae, vae, vae2  # noqa: E402,F401  (register the built-in families)
+from . import ae, iaf, vae, vae2  # noqa: E402,F401  (register the built-in families)

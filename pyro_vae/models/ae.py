@@ -33,7 +33,7 @@ class Autoencoder(VAE):
 
 @MODELS.register("ae", "autoencoder baseline: the VAE's networks, a point-mass guide, no KL term")
 def autoencoder_from_config(config, image_shape):
-    config.refuse_upper_layer()
+    config.refuse_unused()
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)
     ae = Autoencoder(encoder, decoder, config.z_dim, image_shape, likelihood)
     ae.bias_from_data = config.decoder_bias == "data-mean"

@@ -233,7 +233,7 @@ def networks_and_likelihood(config, image_shape: Sequence[int]):
 
 @MODELS.register("vae", "the VAE: z ~ N(0, I), x | z ~ the likelihood, q(z|x) a diagonal Gaussian")
 def vae_from_config(config, image_shape: Sequence[int]) -> VAE:
-    config.refuse_upper_layer()
+    config.refuse_unused()
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)
     vae = VAE(encoder, decoder, config.z_dim, image_shape, likelihood)
     vae.bias_from_data = config.decoder_bias == "data-mean"

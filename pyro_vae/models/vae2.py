@@ -105,6 +105,7 @@ class TwoLayerVAE(VAE):
 @MODELS.register("vae2", "two stochastic layers (Burda et al. 2016): z2 ~ N(0, I) -> z1 (--z-dim) -> x; "
                          "--z2-dim and --z2-hidden-dims set the upper layer")
 def two_layer_vae_from_config(config, image_shape: Sequence[int]) -> TwoLayerVAE:
+    config.refuse_unused(uses=("z2_dim", "z2_hidden_dims"))
     if config.network != "mlp":
         raise ValueError(f"model 'vae2' is built of fully connected layers; use --network mlp, not {config.network!r}")
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)
