@@ -57,6 +57,7 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "curves": (12.0, 4.0),
     "comparison": (5.0, 5.2),  # per panel
     "kl-profile": (12.0, 5.0),
+    "posterior": (3.6, 4.0),  # per panel (one test image each)
 }
 PAD_VALUE = 1.0  # white lines between the images of a grid: they stand out from grey images and black backgrounds
 PRIOR_DRAWS = 10_000  # prior samples behind the manifold's grid when the prior is not N(0, I)
@@ -541,6 +542,63 @@ def kl_profile_figure(
 
 # -- the figure kinds of `pyro-vae plot` ------------------------------------------------------
 
+def posterior_figure(program, images: torch.Tensor, path: str | Path, *, num_images: int = 4,
+                     nuts_samples: int = 1000, warmup: int = 500, seed: int = 0, pdf: bool = False,
+                     log: Callable[[str], None] = print) -> Path:
+    """For ``num_images`` test images of a z_dim = 2 program: draws of the true posterior
+    p(z|x) (NUTS) against the contours of the encoder's q(z|x) and of the per-image optimum
+    q*(z|x) of the same family (:mod:`pyro_vae.posterior`).
+
+    Contours are at the densities 1, 2 and 3 standard deviations from a Gaussian's mode
+    would have (exp(-1/2), exp(-2), exp(-9/2) of each density's peak on the grid).
+    """
+    from .posterior import local_family, nuts_posterior, optimal_local_parameters
+
+    family = local_family(program)
+    x = images[:num_images]
+    with torch.no_grad():
+        amortized = family.parameters(x)
+    optimal, steps = optimal_local_parameters(program, family, x, seed=seed)
+    log(f"q* took {steps} Adam steps")
+    n = x.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=figure_size("posterior", n), layout="constrained", squeeze=False)
+    levels = np.exp(-0.5 * np.array([3.0, 2.0, 1.0]) ** 2)
+    for i, ax in enumerate(axes[0]):
+        log(f"NUTS on test image {i + 1} of {n}")
+        samples = nuts_posterior(program, x[i : i + 1], num_samples=nuts_samples, warmup=warmup, seed=seed + i).cpu()
+        members = [family.distribution(*(p[i : i + 1] for p in params)) for params in (amortized, optimal)]
+        with torch.no_grad():
+            draws = torch.cat([samples] + [m.sample((500,)).reshape(500, 2).cpu() for m in members])
+        lo = torch.quantile(draws, 0.002, dim=0)
+        hi = torch.quantile(draws, 0.998, dim=0)
+        pad = (hi - lo) * 0.15
+        lo, hi = lo - pad, hi + pad
+        g1, g2 = torch.meshgrid(torch.linspace(lo[0], hi[0], 150), torch.linspace(lo[1], hi[1], 150), indexing="xy")
+        grid = torch.stack([g1, g2], -1).reshape(-1, 1, 2).to(x.device, amortized[0].dtype)
+        ax.scatter(samples[:, 0], samples[:, 1], s=3, color="0.35", alpha=0.35, linewidths=0)
+        for member, colour in zip(members, ("tab:blue", "tab:red")):
+            with torch.no_grad():
+                density = member.log_prob(grid).reshape(150, 150).cpu().double()
+            density = (density - density.max()).exp().numpy()
+            ax.contour(g1.numpy(), g2.numpy(), density, levels=levels, colors=colour, linewidths=1.4)
+        inset = ax.inset_axes([0.0, 0.78, 0.22, 0.22])
+        image = x[i].reshape(getattr(program, "image_shape", (1, *x.shape[-2:]))).cpu()
+        inset.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        ax.set_xlim(float(lo[0]), float(hi[0]))
+        ax.set_ylim(float(lo[1]), float(hi[1]))
+        ax.set_xlabel("$z_1$")
+        ax.set_ylabel("$z_2$")
+        ax.set_title(f"test image {i + 1}", fontsize=11)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color="0.35", label="p(z|x), NUTS draws"),
+               plt.Line2D([], [], color="tab:blue", label="q(z|x), the encoder"),
+               plt.Line2D([], [], color="tab:red", label="q*(z|x), optimised for the image")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=10, frameon=False)
+    fig.suptitle("True posterior against the guide (contours at 1, 2, 3 sigma-equivalent densities)", fontsize=12)
+    return _save(fig, path, pdf)
+
+
 FIGURES = Registry("figure")  # one run each: drawn by draw_figures
 COMPARISONS = Registry("comparison figure")  # several runs in one figure: drawn by draw_comparison
 
@@ -558,6 +616,7 @@ class Figure:
     draw: Callable[..., Path]
     view_names: tuple[str, ...] = ()
     check: Callable[..., str | None] | None = None
+    in_all: bool = True  # drawn by --kind all (False: only when asked for by name)
 
     def unavailable(self, program, test=None, metrics=None) -> str | None:
         """Why this figure cannot be drawn for ``program`` (one line), or None when it can."""
@@ -567,11 +626,11 @@ class Figure:
         return reason
 
 
-def needs(*view_names: str, check: Callable[..., str | None] | None = None):
+def needs(*view_names: str, check: Callable[..., str | None] | None = None, in_all: bool = True):
     """Decorator: a draw function -> a :class:`Figure` needing ``view_names`` (and ``check``)."""
 
     def wrap(draw) -> Figure:
-        return Figure(draw, view_names, check)
+        return Figure(draw, view_names, check, in_all)
 
     return wrap
 
@@ -659,7 +718,14 @@ def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
     return curves_figure(metrics, path, density=density, pdf=opt.pdf)
 
 
-KINDS = FIGURES.names()  # the single-run kinds, in the order "all" draws them
+@FIGURES.register("posterior", "z_dim = 2: true posterior p(z|x) by NUTS against q(z|x) and the per-image "
+                               "optimum q*(z|x), for 4 test images (minutes: NUTS; only when asked for)")
+@needs("z_dim", "local_family", check=_two_dimensional, in_all=False)
+def _draw_posterior(program, test, metrics, path, opt: _Options) -> Path:
+    return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log)
+
+
+KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all)  # the single-run kinds "all" draws, in order
 
 
 def draw_figures(
@@ -697,7 +763,7 @@ def draw_figures(
     :raises ValueError: an unknown kind, or a multi-run kind (use :func:`draw_comparison`).
     """
     every = "all" in kinds
-    names = list(FIGURES.names()) if every else list(dict.fromkeys(kinds))
+    names = [n for n in FIGURES.names() if FIGURES[n].in_all] if every else list(dict.fromkeys(kinds))
     for name in names:
         if name in COMPARISONS:
             raise ValueError(f"{name!r} compares several runs; draw it with draw_comparison")
@@ -816,11 +882,11 @@ def save_reconstruction_grid(program, images: torch.Tensor, path: str | Path, nr
 
 def figure_size(kind: str, panels: int = 1) -> tuple[float, float]:
     """Size in inches of a figure of ``kind``; ``panels`` counts the repeated panels of
-    ``interpolation`` (stacked) and ``comparison`` (side by side)."""
+    ``interpolation`` (stacked) and ``comparison`` and ``posterior`` (side by side)."""
     w, h = FIGSIZE[kind]
     if kind == "interpolation":
         return (w, h * panels)
-    if kind == "comparison":
+    if kind in ("comparison", "posterior"):
         return (w * panels, h)
     return (w, h)
 

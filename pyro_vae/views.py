@@ -15,6 +15,7 @@ view                   what it returns                                        us
 ``decode(z)``          E[x|z] as images ``(..., *image_shape)``               manifold, samples,
                                                                               reconstructions
 ``sample_prior(n)``    ``n`` draws of z ~ p(z), ``(n, z_dim)``                samples
+``local_family()``     the guide's per-image family, :class:`LocalFamily`      gaps, posterior
 =====================  =====================================================  ==========================
 
 What a program lacks is skipped, with a one-line reason (:func:`missing`).
@@ -32,6 +33,7 @@ VIEWS = {
     "encode": "a diagonal Gaussian q(z|x) as (loc, scale)",
     "decode": "E[x|z] from a decoder",
     "sample_prior": "draws of z from the prior",
+    "local_family": "a per-image parametric guide family (pyro_vae.posterior.LocalFamily)",
 }
 
 

@@ -154,6 +154,25 @@ def test_every_figure_of_a_program_on_unlabelled_non_square_images(kind, tmp_pat
         assert box.width / box.height == pytest.approx(pixels.shape[1] / pixels.shape[0], rel=0.02)  # square pixels
 
 
+def test_posterior_figure_draws_nuts_draws_and_both_guides(tmp_path, drawn):
+    lines = []
+    program = vae_on(FACE, z_dim=2)
+    binary = torch.bernoulli(faces().images, generator=torch.Generator().manual_seed(0))
+    path = plots.posterior_figure(program, binary, tmp_path / "posterior.png", num_images=2, nuts_samples=60,
+                                  warmup=30, log=lines.append)
+    assert png_size(path) == expected_pixels("posterior", 2)
+    fig = drawn["posterior"]
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("test image")]
+    assert len(panels) == 2
+    for ax in panels:
+        [points] = [c for c in ax.collections if len(c.get_offsets()) == 60]  # the NUTS draws
+        contour_colours = {tuple(np.round(c.get_edgecolor()[0][:3], 3)) for c in ax.collections if c is not points}
+        assert len(contour_colours) == 2  # q and q*, one colour each
+        assert ax.get_xlabel() == "$z_1$" and ax.get_ylabel() == "$z_2$"
+    assert lines[0].startswith("q* took") and lines[1:] == ["NUTS on test image 1 of 2", "NUTS on test image 2 of 2"]
+    assert "posterior" not in plots.KINDS  # minutes of NUTS: drawn when asked for, never by "all"
+
+
 def test_latent_figure_without_labels_has_no_class_colours_and_says_so(tmp_path, drawn):
     plots.draw_figures(["latent"], vae_on(FACE, z_dim=2), faces(), [], tmp_path)
     fig = drawn["latent"]
