@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 1
 
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the Monte Carlo noise (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_gaps)
+
+    p = sub.add_parser("graph", help="the plate diagram of the run's model (or guide), by pyro.render_model")
+    _run_args(p)
+    p.add_argument("--out", type=Path, metavar="FILE", help="a .png, .svg, .pdf (drawn by Graphviz's dot) or .dot "
+                   "file (default RUN_DIR/model.png, or guide.png with --guide)")
+    p.add_argument("--guide", action="store_true", help="the guide q(z|x) instead of the model p(x, z)")
+    p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("sample", help="PNG grid of images decoded from prior samples")
     _run_args(p)
@@ -350,6 +357,17 @@ def cmd_gaps(args) -> int:
     for key, est in report.items():
         print(f"  {names[key]:<22} {est}")
     print(f"  (q* took {min(gaps.steps)}-{max(gaps.steps)} Adam steps per batch of {args.batch_size})")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from .graph import program_graph, write_graph
+
+    run = _load(args.run_dir, args)
+    x = _test_data(run, 2).images  # two test images: the diagram shows the plate, not its size
+    graph = program_graph(run.program, x, guide=args.guide)
+    out = args.out or run.run_dir / ("guide.png" if args.guide else "model.png")
+    print(f"wrote {write_graph(graph, out)}")
     return 0
 
 
