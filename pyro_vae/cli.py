@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def cmd_train(args) -> int:
             raise ValueError("--program goes with --resume (a new run of a registered model takes --model)")
         run = train(config_from_args(args), args.out or DEFAULT_OUT, overwrite=args.overwrite,
                     progress=not args.no_progress)
-        print(f"run directory: {run.run_dir}")
+        _say(f"run directory: {run.run_dir}")
         return 0
     if args.out is not None and args.out.resolve() != args.resume.resolve():
         raise ValueError(f"--resume {args.resume} continues the run in that folder; drop --out {args.out} "
@@ -262,8 +263,14 @@ def cmd_train(args) -> int:
         config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=vars(args)["train.epochs"]))
     program = call_factory(args.program) if args.program else None
     run = train(config, args.resume, resume=True, progress=not args.no_progress, program=program)
-    print(f"run directory: {run.run_dir}")
+    _say(f"run directory: {run.run_dir}")
     return 0
+
+
+def _say(line: str) -> None:
+    """Print, from the only process or from rank 0 of a torchrun launch."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line)
 
 
 def _load(run_dir: Path, args):

@@ -51,17 +51,33 @@ class SVIEngine:
         self.optim = pyro.optim.Adam({"lr": lr})
         self.svi = pyro.infer.SVI(model, guide, self.optim, loss=elbo)
 
+    group = None  # a distributed.Group: gradients summed over ranks (distribute())
+    weight = 1.0  # this rank's share b_r / B of the step's minibatch, when distributed
+
+    def distribute(self, group, program) -> None:
+        """Sum each step's weighted gradients over the ranks of ``group`` before the update."""
+        self.group = group
+        self.all_params = [p for p in program.parameters() if p.requires_grad]
+
     def step(self, **kwargs) -> torch.Tensor:
-        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``)."""
+        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``);
+        distributed, a rank with no images this step calls it without arguments."""
         # SVI.step, opened up so the gradients can be checked between backward and update
-        with poutine.trace(param_only=True) as capture, _non_finite_parameters(), \
-                pyro.validation_enabled(self.validate):
-            loss = self.elbo.loss_and_grads(self.model, self.guide, **kwargs)
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-        _raise_if_non_finite(torch.as_tensor(loss), [p.grad for p in params if p.grad is not None])
+        if kwargs:
+            with poutine.trace(param_only=True) as capture, _non_finite_parameters(), \
+                    pyro.validation_enabled(self.validate):
+                loss = torch.as_tensor(self.elbo.loss_and_grads(self.model, self.guide, **kwargs), dtype=torch.float64)
+            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        else:
+            loss, params = torch.zeros((), dtype=torch.float64), set()
+        if self.group is not None:
+            params = self.all_params
+            grads = _weighted_grads(params, self.weight)
+            loss = self.group.all_reduce_(grads, loss * self.weight)
+        _raise_if_non_finite(loss, [p.grad for p in params if p.grad is not None])
         self.optim(params)
         zero_grads(params)
-        return torch.as_tensor(loss)
+        return loss
 
     def check(self) -> None:
         """Nothing deferred: every step was checked as it ran."""
@@ -97,12 +113,25 @@ class ModuleEngine:
         self.steps = 0
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.params[0].device)
 
+    group = None  # a distributed.Group: gradients summed over ranks (distribute())
+    weight = 1.0  # this rank's share b_r / B of the step's minibatch, when distributed
+
+    def distribute(self, group, program) -> None:
+        """Sum each step's weighted gradients over the ranks of ``group`` before the update."""
+        self.group = group
+
     def step(self, **kwargs) -> torch.Tensor:
-        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``)."""
+        """One step on the minibatch and options in ``kwargs`` (``x=..., num_data=...``);
+        distributed, a rank with no images this step calls it without arguments."""
         self.optim.zero_grad(set_to_none=True)
-        with _non_finite_parameters(), pyro.validation_enabled(self.validate):
-            loss = self.loss_fn(**kwargs)
-        loss.backward()
+        if kwargs:
+            with _non_finite_parameters(), pyro.validation_enabled(self.validate):
+                loss = self.loss_fn(**kwargs)
+            loss.backward()
+        else:
+            loss = torch.zeros((), device=self.params[0].device)
+        if self.group is not None:
+            loss = self.group.all_reduce_(_weighted_grads(self.params, self.weight), loss.detach() * self.weight)
         grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
         if self.deferred:
@@ -129,6 +158,20 @@ class ModuleEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optim.load_state_dict(state)
+
+
+def _weighted_grads(params, weight: float) -> list[torch.Tensor]:
+    """Every parameter's gradient times ``weight``, a zero tensor where it has none (the
+    ranks' flat all-reduce needs the same layout everywhere; Adam moves nothing on a zero
+    gradient it has only ever seen zero)."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif weight != 1.0:
+            p.grad.mul_(weight)
+        grads.append(p.grad)
+    return grads
 
 
 def multi_tensor_adam(params, lr: float) -> torch.optim.Adam:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from . import checkpoint, rng
+from . import checkpoint, distributed, rng
 from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
@@ -106,7 +107,7 @@ def train(
     """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as held:
-        if resume and run_dir.is_dir():
+        if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))  # before reading the state it resumes from
         return _train(config, run_dir, resume, overwrite, progress, log, program)
 
@@ -120,7 +121,7 @@ def _train(config, run_dir, resume, overwrite, progress, log, program) -> Run:
     if config.data is None:
         raise RunDirError(f"{run_dir} was trained on data passed to fit() in code, which its configuration does "
                           "not describe; resume it in Python with pyro_vae.fit(program, data, RUN, resume=True)")
-    if not resume:
+    if not resume and _leader():
         _refuse_other_run(run_dir, overwrite)
     rng.set_seed(config.train.seed)  # the program's initial weights come from the run's seed
     if program is None:
@@ -168,7 +169,7 @@ def fit(
     """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as held:
-        if resume and run_dir.is_dir():
+        if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))
         return _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress,
                     log, _state, _record, _seeded)
@@ -184,10 +185,15 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if resume and state is None:
         stored, state = _stored_run(config, run_dir)
         config = stored
-    elif not resume:
+    elif not resume and _leader():
         _refuse_other_run(run_dir, overwrite)
     cfg = config.train
     device = resolve_device(cfg.device)
+    group = distributed.from_environment(device)  # None unless torchrun started several processes
+    device = distributed.device_for(group, device)
+    leader = group is None or group.leader
+    if not leader:  # rank 0 alone prints and writes
+        progress, log = False, _quiet
     call = ProgramCall(program)
     binary = bool(getattr(program, "binary_data", False))
 
@@ -221,7 +227,11 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
         rng.set_state(state["rng"])
-        repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
+        if leader:
+            repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
+    if group is not None:
+        group.broadcast_module_(program)  # identical starting points, whatever each rank built
+        _rank_streams(group, cfg.seed, state, log)
     n = len(training_set)
     num_steps = math.ceil(n / cfg.batch_size)
     if state is not None and state["epoch"] >= cfg.epochs:
@@ -239,6 +249,11 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             "(and eagerly); define check_data to check each epoch's data once instead")
     engine = build_engine(cfg.engine, program, model, guide, build_elbo(cfg.estimator, cfg.num_particles), cfg.lr,
                           validate=validate)
+    if group is not None:
+        engine.distribute(group, program)
+        share = math.ceil(cfg.batch_size / group.world_size)
+        log(f"distributed: {group.world_size} processes ({group.backend}), each {share} of every {cfg.batch_size} "
+            "images per step")
     if device.type == "cpu":
         keep_freed_memory()
     position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
@@ -257,7 +272,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         with rng.forked_rng(CHECK_SEED):
             first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
             check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
-        if state is None:
+        if state is None and leader:
             held.enter_context(_new_run_dir(run_dir, overwrite))
             try:
                 write_json(run_dir / CONFIG_NAME, config.to_dict())
@@ -271,9 +286,15 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         def save_checkpoint(position):
             nonlocal saved
             engine.check()  # never save a state that a deferred check would reject
+            streams = group.gather_rng_states() if group is not None else None
+            if not leader:
+                saved = position  # (rank 0 writes it)
+                return
             payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
                        "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
                        "image_shape": list(train_data.image_shape)}
+            if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
+                payload["rng_ranks"] = streams
             with _writing("the checkpoint", run_dir / checkpoint.CHECKPOINT_NAME, position, saved, run_dir):
                 checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
             saved = position
@@ -293,15 +314,28 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             for step in range(first, num_steps):
                 weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                stopping = stop.signum is not None
                 try:
-                    loss_sum += engine.step(**batch_of(images, labels, idx, weight))
+                    if group is None:
+                        loss_sum += engine.step(**batch_of(images, labels, idx, weight))
+                    else:
+                        idx, engine.weight = group.shard(idx)
+                        loss_sum += engine.step(**batch_of(images, labels, idx, weight)) if idx.numel() else \
+                            engine.step()
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
+                        if group is not None:  # the ranks agree to stop at the same step
+                            stopping = group.any(stopping, device)
                 except NonFiniteError as err:
                     raise TrainingDivergedError(_divergence_message(err, epoch, step, run_dir)) from None
+                except distributed.PeerFailure as err:
+                    raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir)) from None
                 bar.update()
-                if stop.signum is not None:
+                if group is not None and not (step + 1) % PROGRESS_EVERY == 0:
+                    stopping = False  # distributed, a stop waits for the next agreement
+                if stopping:
+                    stop.signum = stop.signum or signal.SIGTERM
                     bar.close()
                     seconds += time.perf_counter() - t0
                     save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum), "seconds": seconds})
@@ -309,7 +343,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                         stop.signum,
                         f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} of "
                         f"{num_steps}; the checkpoint in {run_dir} holds this step. "
-                        f"Continue with: pyro-vae train --resume {run_dir}",
+                        f"Continue with: {'torchrun ... -m pyro_vae' if group else 'pyro-vae'} train --resume {run_dir}",
                     )
             bar.close()
             seconds += time.perf_counter() - t0
@@ -317,16 +351,53 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight,
                       "lr": learning_rate(cfg.lr, cfg.lr_schedule, epoch)}
             engine.check()
-            record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
-                                        None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg))
-            if test_data is not None:
-                record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
-            record["seconds"] = seconds
-            with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, saved, run_dir):
-                append_jsonl(run_dir / METRICS_NAME, record)
-            save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
-            log(_epoch_line(record, cfg, program))
+            if leader:
+                record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
+                                            None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg))
+                if test_data is not None:
+                    record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
+                record["seconds"] = seconds
+                with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, saved,
+                              run_dir):
+                    append_jsonl(run_dir / METRICS_NAME, record)
+            try:
+                save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
+            except distributed.PeerFailure as err:
+                raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir)) from None
+            if leader:
+                log(_epoch_line(record, cfg, program))
     return Run(program, config, run_dir, device, cfg.epochs)
+
+
+def _leader() -> bool:
+    """Whether this process writes the run: the only one, or rank 0 of torchrun's processes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _rank_streams(group, seed: int, state: dict | None, log) -> None:
+    """Give each rank its own noise stream: the saved one when the run resumes at the same
+    world size, else a stream seeded from the run's seed, the rank and the position."""
+    saved = None if state is None else state.get("rng_ranks")
+    if saved is not None and len(saved) == group.world_size:
+        rng.set_state(saved[group.rank])
+        return
+    position = 0 if state is None else state["position"]["epoch"] * 1_000_003 + state["position"]["step"]
+    rng.set_seed(distributed.rank_seed(seed + position, group.rank))
+    if state is not None:
+        was = len(saved) if saved is not None else 1
+        log(f"note: this run was saved by {was} process(es) and resumes with {group.world_size}; the noise streams "
+            "start afresh from here, so the run will not repeat an uninterrupted one draw for draw")
+
+
+def _peer_message(err, saved, run_dir) -> str:
+    last = "no checkpoint yet" if saved is None else f"the checkpoint after epoch {saved['epoch']}" + (
+        f", step {saved['step']}" if saved["step"] else "")
+    return (f"{err}. This process stopped too; {run_dir} keeps {last}. Once the cause is fixed, continue with: "
+            f"torchrun ... -m pyro_vae train --resume {run_dir}")
 
 
 def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg) -> dict[str, float]:

@@ -1,0 +1,128 @@
+"""Training across processes with torch.distributed, launched by ``torchrun``.
+
+``torchrun --nproc-per-node N -m pyro_vae train ...`` starts N copies of the command;
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address, and
+:func:`from_environment` joins the process group (``nccl`` on CUDA, ``gloo`` on the CPU).
+Nothing here launches processes or speaks a protocol of its own.
+
+The training loop (:mod:`pyro_vae.train`) then:
+
+* gives each rank a contiguous shard of every step's minibatch of B images; the model's
+  ``"data"`` plate is still told the training set's size N, so each rank's loss is the
+  usual estimate ``N / b_r * sum`` over its ``b_r`` images;
+* weights rank r's gradient by ``b_r / B`` and sums them over ranks
+  (:meth:`Group.all_reduce_`), one flat all-reduce per step that also carries the loss:
+  the sum is exactly the gradient of ``N / B * sum`` over all B images, the gradient a
+  single process computes on the whole minibatch. Every rank then takes the same Adam step
+  from the same state, so the ranks' parameters stay identical (they start from rank 0's);
+* checks for NaN or infinite values after the all-reduce: a bad value on any rank
+  poisons the sum on every rank, so all stop at the same step with the same error;
+* draws each rank's noise from its own stream, and saves every rank's stream in the checkpoint;
+* writes metrics, progress and checkpoints from rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import rng
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer than this raises
+
+
+class PeerFailure(RuntimeError):
+    """Another process of a distributed run stopped (or stopped answering)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the process that writes the run's files and prints."""
+        return self.rank == 0
+
+    def shard(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's contiguous part of a minibatch's indices, and its weight ``b_r / B``."""
+        part = torch.tensor_split(idx, self.world_size)[self.rank]
+        return part, part.numel() / max(idx.numel(), 1)
+
+    def all_reduce_(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Sum ``grads`` (in place) and ``loss`` over the ranks in one flat all-reduce; returns the summed loss."""
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        _collective(dist.all_reduce, flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return flat[-1]
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one small all-reduce)."""
+        t = torch.tensor([int(bool(flag))], device=device)
+        _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_module_(self, module: torch.nn.Module) -> None:
+        """Every rank takes rank 0's parameters and buffers."""
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            with torch.no_grad():
+                _collective(dist.broadcast, tensor.data, src=0)
+
+    def gather_rng_states(self) -> list[dict]:
+        """Every rank's RNG state, in rank order (on every rank)."""
+        states = [None] * self.world_size
+        _collective(dist.all_gather_object, states, rng.get_state())
+        return states
+
+
+def _collective(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistBackendError) as err:
+        raise PeerFailure(f"a collective operation of the distributed run failed ({str(err).splitlines()[0]}): "
+                          "another process stopped or stopped answering; its own error says why") from err
+
+
+def environment_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def from_environment(device: torch.device) -> Group | None:
+    """Join (or find) the process group torchrun describes; None for a single process.
+
+    On CUDA each process takes the GPU of its ``LOCAL_RANK`` and the ``nccl`` backend;
+    on the CPU, ``gloo``.
+    """
+    if environment_world_size() <= 1 and not dist.is_initialized():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    return Group(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def device_for(group: Group | None, device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when training on CUDA, else ``device``."""
+    if group is not None and device.type == "cuda":
+        return torch.device("cuda", group.local_rank)
+    return device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s noise stream in a run seeded ``seed``."""
+    return (int(seed) * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)

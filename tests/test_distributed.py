@@ -1,0 +1,200 @@
+"""Training across processes with torch.distributed (gloo, 2 processes on the CPU).
+
+The processes are started the way torchrun starts them: environment variables RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, then the package's own code joins
+the process group (pyro_vae.distributed.from_environment).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyro_vae import ModelConfig, TrainConfig, build_model, fit
+from pyro_vae.data import ImageData
+from pyro_vae.models import data_plate
+from pyro_vae.models.vae import VAE
+from pyro_vae.networks import MLPDecoder, MLPEncoder
+from pyro_vae.objectives import build_elbo
+from pyro_vae.steps import ENGINES, build_engine
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+class FixedNoiseNormal(dist.Normal):
+    """N(loc, scale) whose reparameterised draw uses given noise: the gradient is deterministic."""
+
+    def __init__(self, loc, scale, eps, validate_args=None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self.eps = eps
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + self.scale * self.eps
+
+    def expand(self, batch_shape, _instance=None):
+        return FixedNoiseNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape),
+                                self.eps.expand(batch_shape))
+
+
+class FixedNoiseVAE(VAE):
+    """The VAE whose guide draws image y's fixed noise (labels y carry the image's index)."""
+
+    def __init__(self, noise, *args):
+        super().__init__(*args)
+        self.register_buffer("noise", noise)
+
+    def model(self, x, y=None, *, num_data=None):
+        return super().model(x, num_data=num_data)
+
+    def guide(self, x, y=None, *, num_data=None):
+        pyro.module("encoder", self.encoder)
+        x = self._flatten(x)
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            pyro.sample("z", FixedNoiseNormal(loc, scale, self.noise[y]).to_event(1))
+
+
+def fixed_noise_program():
+    torch.manual_seed(0)
+    noise = torch.randn(16, 3, dtype=torch.float64)
+    return FixedNoiseVAE(noise, MLPEncoder(4, 3, (6,)), MLPDecoder(4, 3, (6,)), 3, (1, 2, 2)).double()
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.bernoulli(torch.full((16, 1, 2, 2), 0.4, dtype=torch.float64), generator=gen), torch.arange(16)
+
+
+def gradients_of_one_step(engine_name, group=None):
+    pyro.clear_param_store()
+    program = fixed_noise_program()
+    engine = build_engine(engine_name, program, program.model, program.guide, build_elbo(), 1e-3, validate=False)
+    x, y = batch()
+    idx = torch.arange(16)
+    if group is not None:
+        engine.distribute(group, program)
+        idx, engine.weight = group.shard(idx)
+    loss = engine.step(x=x[idx], y=y[idx], num_data=1000)
+    return float(loss), [p.grad.clone() for p in program.parameters()]
+
+
+def _gradient_worker(rank, port, engine_name, out):
+    join(rank, port)
+    from pyro_vae import distributed
+
+    group = distributed.from_environment(torch.device("cpu"))
+    loss, grads = gradients_of_one_step(engine_name, group)
+    torch.save({"loss": loss, "grads": grads}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine_name", ENGINES.names())
+def test_averaged_gradient_is_the_gradient_of_the_combined_batch(engine_name, tmp_path):
+    """Two ranks of 8 images each, summed with weights 8/16, give the gradient one process
+    computes on all 16 images (the plate told the same N), at the same fixed noise."""
+    mp.spawn(_gradient_worker, args=(free_port(), engine_name, str(tmp_path / "g")), nprocs=WORLD)
+    single_loss, single = gradients_of_one_step(engine_name)
+    ranks = [torch.load(tmp_path / f"g.{r}") for r in range(WORLD)]
+    for r in ranks:
+        assert r["loss"] == pytest.approx(single_loss, rel=1e-12)
+        for a, b in zip(r["grads"], single):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -- whole runs ---------------------------------------------------------------------------------
+
+
+def images(n=40, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, 1, 4, 4), 0.3), generator=gen)
+
+
+def deterministic_program():
+    """The autoencoder: a point-mass guide draws no noise, so a run is a function of its data alone."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(model="ae", z_dim=2, hidden_dims=(8,)), (1, 4, 4))
+
+
+SETTINGS = dict(epochs=3, batch_size=10, lr=1e-2, device="cpu")
+
+
+def _run_worker(rank, port, run_dir, engine_name, out):
+    join(rank, port)
+    run = fit(deterministic_program(), images(), run_dir, settings=TrainConfig(engine=engine_name, **SETTINGS),
+              progress=False, log=lambda line: None)
+    torch.save(run.program.state_dict(), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine_name", ["captured", "svi"])
+def test_a_two_process_run_ends_where_one_process_ends(engine_name, tmp_path):
+    mp.spawn(_run_worker, args=(free_port(), str(tmp_path / "two"), engine_name, str(tmp_path / "p")), nprocs=WORLD)
+    one = fit(deterministic_program(), images(), tmp_path / "one", settings=TrainConfig(engine=engine_name,
+                                                                                        **SETTINGS),
+              progress=False, log=lambda line: None)
+    rank0, rank1 = (torch.load(tmp_path / f"p.{r}") for r in range(WORLD))
+    for name, value in one.program.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name  # the ranks hold identical parameters
+        assert torch.allclose(rank0[name], value, rtol=1e-4, atol=1e-6), name  # float sums in another order
+    # rank 0 alone wrote the run, with both ranks' noise streams
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == WORLD and state["epoch"] == 3
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def torchrun(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+               f"--master-port={free_port()}", "-m", "pyro_vae", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_a_killed_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(tmp_path, data_dir):
+    run = tmp_path / "run"
+    common = ["--train-limit", "3000", "--test-limit", "100", "--batch-size", "20", "--z-dim", "2",
+              "--hidden-dims", "16", "--data-dir", str(data_dir), "--no-progress"]
+    proc = torchrun(["train", "--out", str(run), "--epochs", "50", *common])
+    deadline = time.time() + 240
+    while not (run / "checkpoint.pt").exists():  # let it finish an epoch
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-f", f"pyro_vae train --out {run}"], capture_output=True, text=True)
+    pids = sorted(int(p) for p in workers.stdout.split())
+    assert len(pids) >= 2
+    os.kill(pids[-1], signal.SIGKILL)  # the rank started last
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the surviving rank hung after its peer was killed")
+    assert proc.returncode != 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    done = state["epoch"]
+    assert done >= 1
+    # the run resumes from its last checkpoint (here in one process: another world size works too)
+    from pyro_vae.cli import main
+
+    assert main(["train", "--resume", str(run), "--epochs", str(done + 1), "--no-progress"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == done + 1
