@@ -267,6 +267,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _process_group(args):
+    """The torch.distributed group torchrun started this command in (None for one process);
+    each rank then uses its own GPU (``--device`` becomes ``cuda:LOCAL_RANK``)."""
+    from . import distributed
+    from .runs import resolve_device
+
+    device = resolve_device(args.device)
+    group = distributed.from_environment(device)
+    args.device = str(distributed.device_for(group, device))
+    return group
+
+
 def _say(line: str) -> None:
     """Print, from the only process or from rank 0 of a torchrun launch."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -299,13 +311,16 @@ def cmd_evaluate(args) -> int:
 
     from .evaluate import active_unit_counts, bits_per_dim, evaluate_model
 
+    group = _process_group(args)  # several processes under torchrun share the importance sampling
     run = _load(args.run_dir, args)
     test = _test_data(run, args.limit)
     images = test.images
-    with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=args.json or args.num_samples == 0,
-              file=sys.stderr) as bar:
+    quiet = args.json or args.num_samples == 0 or (group is not None and not group.leader)
+    with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=quiet, file=sys.stderr) as bar:
         report = evaluate_model(run.program, images, args.num_samples, args.batch_size, args.seed,
-                                progress=bar.update, labels=test.labels)
+                                progress=bar.update, labels=test.labels, group=group)
+    if group is not None and not group.leader:
+        return 0
     continuous = not getattr(run.program, "binary_data", True)
     dims = images[0].numel()
     activity = _activity(run, test)

@@ -74,6 +74,16 @@ class Group:
         _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def gather_cat(self, part: torch.Tensor) -> torch.Tensor:
+        """The ranks' 1-D tensors, concatenated in rank order, on every rank."""
+        sizes = [None] * self.world_size
+        _collective(dist.all_gather_object, sizes, int(part.numel()))
+        padded = torch.zeros(max(sizes), dtype=part.dtype, device=part.device)
+        padded[: part.numel()] = part
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        _collective(dist.all_gather, gathered, padded)
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
     def broadcast_module_(self, module: torch.nn.Module) -> None:
         """Every rank takes rank 0's parameters and buffers."""
         for tensor in list(module.parameters()) + list(module.buffers()):

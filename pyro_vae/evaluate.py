@@ -146,28 +146,69 @@ def log_px_importance(
     seed: int | None = 0,
     progress=None,
     labels: torch.Tensor | None = None,
+    group=None,
 ) -> torch.Tensor:
     """Per-image importance-sampled estimate of log p(x) with K = ``num_samples``.
 
     Images go ``batch_size`` at a time and the K samples in chunks of at most
     ``max_elements // batch_size``, combined by a running log-sum-exp, so memory stays
     bounded (about ``max_elements`` decoder outputs at once) whatever K is.
+
+    ``group`` (a :class:`pyro_vae.distributed.Group`) shares the batches out: each rank
+    scores a contiguous run of them and the values are gathered on every rank. The
+    noise stays the single-process one: a rank first draws (without scoring) the samples
+    of the batches before its own, so every image gets the same draws whatever the
+    number of processes, and the estimate is the single process's, value for value.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    batches = list(_batches(images, labels, batch_size))
+    first, stop = (0, len(batches)) if group is None else _my_batches(len(batches), group)
     results = []
     with forked_rng(seed):
-        for x, extra in _batches(images, labels, batch_size):
+        draws_only = _guide_draws_suffice(model, guide, batches[0]) if first > 0 else True
+        for j, (x, extra) in enumerate(batches[:stop]):
             chunk = max(1, max_elements // x.shape[0])
             total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
             for k0 in range(0, num_samples, chunk):
                 k = min(chunk, num_samples - k0)
+                if j < first:  # another rank's batch: only advance the noise stream past it
+                    _draw(model, guide, x, k, draws_only, **extra)
+                    continue
                 log_w = batch_log_weights(model, guide, x, k, **extra).double()
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
-            results.append(total - math.log(num_samples))
-            if progress is not None:
-                progress(x.shape[0])
-    return torch.cat(results)
+            if j >= first:
+                results.append(total - math.log(num_samples))
+                if progress is not None:
+                    progress(x.shape[0])
+    mine = torch.cat(results) if results else images.new_zeros((0,), dtype=torch.float64)
+    return mine if group is None else group.gather_cat(mine)
+
+
+def _my_batches(count: int, group) -> tuple[int, int]:
+    """The contiguous run of batch numbers ``[first, stop)`` that rank ``group.rank`` scores."""
+    bounds = [round(count * r / group.world_size) for r in range(group.world_size + 1)]
+    return bounds[group.rank], bounds[group.rank + 1]
+
+
+@torch.no_grad()
+def _guide_draws_suffice(model, guide, batch) -> bool:
+    """Whether the guide makes every random draw of a scoring (the model only replays and
+    observes); else skipping a batch must run the model as well."""
+    x, extra = batch
+    with forked_rng(0), pyro.plate("particles", 1, dim=-2):
+        model_trace, guide_trace = _traces(model, guide, x[:1], **{k: v[:1] for k, v in extra.items()})
+    return all(site["is_observed"] or site["name"] in guide_trace.nodes for site in sample_sites(model_trace))
+
+
+@torch.no_grad()
+def _draw(model, guide, x, num_samples: int, draws_only: bool, **kwargs) -> None:
+    """Make the random draws of a scoring of ``x`` without scoring it."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        if draws_only:
+            poutine.trace(guide).get_trace(x, **kwargs)
+        else:
+            _traces(model, guide, x, **kwargs)
 
 
 def evaluate_model(
@@ -178,13 +219,15 @@ def evaluate_model(
     seed: int = 0,
     progress=None,
     labels: torch.Tensor | None = None,
+    group=None,
 ) -> dict[str, Estimate]:
     """Test-set report: ELBO, its terms, and (for ``num_samples`` > 0) the IS bound.
 
     Keys: ``elbo``, ``log_lik``, ``kl`` and ``log_px_is{K}``; each an :class:`Estimate`.
     A program whose guide is a point mass (``point_estimate``) has neither an ELBO nor an
     importance-sampled bound: its report holds ``log_lik`` only. ``labels`` reach programs
-    that take ``y``.
+    that take ``y``. ``group``: the processes that share the importance sampling (the
+    one-sample ELBO terms are cheap and computed whole on every rank).
     """
     from .models import ProgramCall
 
@@ -197,7 +240,7 @@ def evaluate_model(
         report = {k: Estimate.of(v) for k, v in terms.items()}
         if num_samples > 0:
             log_px = log_px_importance(program.model, program.guide, images, num_samples, batch_size, seed=seed + 1,
-                                       progress=progress, labels=labels)
+                                       progress=progress, labels=labels, group=group)
             report[f"log_px_is{num_samples}"] = Estimate.of(log_px)
     return report
 

@@ -190,6 +190,7 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(tm
         proc.kill()
         pytest.fail("the surviving rank hung after its peer was killed")
     assert proc.returncode != 0
+    assert "another process stopped or stopped answering" in out and "torchrun ... -m pyro_vae train --resume" in out
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     done = state["epoch"]
     assert done >= 1
@@ -198,3 +199,69 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_the_run_resumes(tm
 
     assert main(["train", "--resume", str(run), "--epochs", str(done + 1), "--no-progress"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == done + 1
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+class ExtraLatentVAE(VAE):
+    """A model with a latent the guide does not sample (drawn from its prior inside the model):
+    skipping another rank's batches must then run the model too, to keep the draws in step."""
+
+    def model(self, x=None, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = self._flatten(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            w = pyro.sample("w", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
+            pyro.sample("x", self.likelihood(self.decoder(z) + 0.5 * w.unsqueeze(-1)), obs=x)
+
+
+def evaluation_program(kind):
+    torch.manual_seed(0)
+    family = VAE if kind == "vae" else ExtraLatentVAE
+    return family(MLPEncoder(16, 2, (8,)), MLPDecoder(16, 2, (8,)), 2, (1, 4, 4)).double()
+
+
+def log_px(kind, group=None):
+    from pyro_vae.evaluate import log_px_importance
+
+    program = evaluation_program(kind)
+    x = images(23).double()  # 23 images in batches of 5: the ranks score 2 and 3 batches, the last one short
+    with torch.no_grad():
+        return log_px_importance(program.model, program.guide, x, num_samples=30, batch_size=5, max_elements=40,
+                                 seed=4, group=group)
+
+
+def _evaluation_worker(rank, port, kind, out):
+    join(rank, port)
+    from pyro_vae import distributed
+
+    group = distributed.from_environment(torch.device("cpu"))
+    torch.save(log_px(kind, group), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["vae", "extra-latent"])
+def test_distributed_evaluation_is_the_single_process_one_value_for_value(kind, tmp_path):
+    mp.spawn(_evaluation_worker, args=(free_port(), kind, str(tmp_path / "e")), nprocs=WORLD)
+    single = log_px(kind)
+    for rank in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / f"e.{rank}"), single)  # the same draws for every image
+    assert single.shape == (23,)
+
+
+def test_evaluate_command_under_torchrun_prints_the_single_process_report(tmp_path, data_dir):
+    from pyro_vae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--train-limit", "200", "--test-limit", "30", "--epochs", "1",
+                 "--batch-size", "50", "--z-dim", "2", "--hidden-dims", "8", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    args = ["evaluate", str(run), "--num-samples", "40", "--batch-size", "7", "--json"]
+    single = subprocess.run([sys.executable, "-m", "pyro_vae", *args], capture_output=True, text=True, timeout=120)
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    reports = [line for line in out.splitlines() if line.startswith("{")]
+    assert reports == [single.stdout.strip()]  # rank 0 alone prints, and prints the same numbers
