@@ -70,3 +70,17 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     again = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "$ pyro-vae train" not in again.stdout and table.strip() in again.stdout
+
+
+@pytest.mark.slow
+def test_distributed_bench_script_smoke(tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir))
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "distributed_bench.py"), "--smoke", "--out",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"distributed_bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads((out / "distributed-bench.json").read_text())
+    assert len(result["epoch_seconds_one"]) == len(result["epoch_seconds_many"]) == 1
+    assert result["train_epoch_ratio"] > 0 and result["evaluate_ratio"] > 0
+    assert result["evaluation_one"]["num_images"] == result["evaluation_many"]["num_images"] == 20
+    assert "| training loop, s per epoch" in proc.stdout
