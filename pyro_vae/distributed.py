@@ -135,4 +135,4 @@ def device_for(group: Group | None, device: torch.device) -> torch.device:
 
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s noise stream in a run seeded ``seed``."""
-    return (int(seed) * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)
+    return (int(seed) * 1_000_003 + 7919 * (rank + 1)) % (2**32 - 1)  # numpy takes seeds below 2^32

@@ -265,3 +265,70 @@ def test_evaluate_command_under_torchrun_prints_the_single_process_report(tmp_pa
     assert proc.returncode == 0, out
     reports = [line for line in out.splitlines() if line.startswith("{")]
     assert reports == [single.stdout.strip()]  # rank 0 alone prints, and prints the same numbers
+
+
+# -- a NaN on one rank -------------------------------------------------------------------------
+
+
+class PoisonedVAE(VAE):
+    """Its likelihood's logits are NaN for the image labelled 13: a NaN on whichever rank holds it."""
+
+    def model(self, x=None, y=None, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = self._flatten(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            poison = torch.where(y == 13, float("nan"), 1.0).unsqueeze(-1)
+            pyro.sample("x", self.likelihood(self.decoder(z) * poison), obs=x)
+
+    def guide(self, x=None, y=None, *, num_data=None):
+        return super().guide(x, num_data=num_data)
+
+
+def poisoned_run(run_dir):
+    from pyro_vae.train import TrainingDivergedError
+
+    torch.manual_seed(0)
+    program = PoisonedVAE(MLPEncoder(16, 2, (8,)), MLPDecoder(16, 2, (8,)), 2, (1, 4, 4))
+    data = ImageData(images(40), torch.arange(40), binary=True)
+    try:
+        fit(program, data, run_dir, settings=TrainConfig(epochs=2, batch_size=10, device="cpu"), progress=False,
+            log=lambda line: None)
+    except TrainingDivergedError as err:
+        return str(err)
+    return "no error"
+
+
+def _poison_worker(rank, port, run_dir, out):
+    join(rank, port)
+    Path(f"{out}.{rank}").write_text(poisoned_run(run_dir))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    mp.spawn(_poison_worker, args=(free_port(), str(tmp_path / "two"), str(tmp_path / "m")), nprocs=WORLD)
+    messages = [(tmp_path / f"m.{r}").read_text() for r in range(WORLD)]
+    single = poisoned_run(tmp_path / "one")
+    assert "training stopped at epoch 1, step" in single
+    # both ranks raise the single process's error: the same epoch and step (the folders differ)
+    assert messages[0] == messages[1] == single.replace(str(tmp_path / "one"), str(tmp_path / "two"))
+
+
+def _resume_worker(rank, port, run_dir, out):
+    join(rank, port)
+    lines = []
+    fit(deterministic_program(), images(), run_dir, settings=TrainConfig(**{**SETTINGS, "epochs": 2}), resume=True,
+        progress=False, log=lines.append)
+    Path(f"{out}.{rank}").write_text("\n".join(lines))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_one_process_run_resumes_under_two_and_says_the_noise_starts_afresh(tmp_path):
+    fit(deterministic_program(), images(), tmp_path / "run", settings=TrainConfig(**{**SETTINGS, "epochs": 1}),
+        progress=False, log=lambda line: None)
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path / "run"), str(tmp_path / "log")), nprocs=WORLD)
+    leader, other = ((tmp_path / f"log.{r}").read_text() for r in range(WORLD))
+    assert "saved by 1 process(es) and resumes with 2; the noise streams start afresh" in leader
+    assert other == ""  # rank 1 prints nothing
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["rng_ranks"]) == 2
