@@ -80,11 +80,11 @@ def batch_elbo_terms(model, guide, x: torch.Tensor, **kwargs) -> dict[str, torch
             log_lik = log_lik + site["fn"].log_prob(site["value"])
     kl = 0.0
     latents = sample_sites(guide_trace)
-    # A closed form needs q and p of the site to depend on no other latent: with one
-    # latent site both depend on x and the parameters alone. With several (z2 -> z1 -> x),
+    # A closed form needs p of the site to depend on no other latent: with one latent
+    # site that the model shares, p depends on the parameters alone. With several (z2 -> z1 -> x),
     # p(z1|z2) depends on z2, which the guide draws from z1, so KL(q(z1|x) || p(z1|z2))
     # at the drawn z2 is not the z1 term of the ELBO: score every site by Monte Carlo.
-    closed_form = len(latents) == 1
+    closed_form = sum(site["name"] in model_trace.nodes for site in latents) == 1  # (auxiliary sites aside)
     for q_site in latents:
         p_site = model_trace.nodes.get(q_site["name"])
         if p_site is None:
