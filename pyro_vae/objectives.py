@@ -106,7 +106,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     def _elbo_particle(self, model_trace, guide_trace):
         latents = [site["name"] for site in sample_sites(guide_trace)]
         if len(latents) > 1:
-            raise ValueError(
+            raise EstimatorNotApplicable(
                 f"estimator 'meanfield' computes each latent site's KL in closed form, which is the ELBO's term only "
                 f"when p and q of the site depend on no other latent; this program has latent sites {latents} "
                 "(a hierarchy such as z2 -> z1 -> x breaks that): use --estimator trace, iwae or iwae-dreg")
@@ -128,7 +128,11 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
         return _total(terms), None
 
 
-class ImportanceWeightError(ValueError):
+class EstimatorNotApplicable(ValueError):
+    """An estimator that does not apply to this program (or this KL weight)."""
+
+
+class ImportanceWeightError(EstimatorNotApplicable):
     """A program, or a KL weight, for which the importance-weighted bound is not defined."""
 
 
@@ -312,11 +316,23 @@ class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
         return bound.detach() + (surrogate - surrogate.detach())
 
     def _terms(self, model, guide, args, kwargs, model_trace, guide_trace):
+        for site in sample_sites(guide_trace):
+            if _is_flow(site["fn"]):
+                raise EstimatorNotApplicable(
+                    f"estimator 'iwae-dreg' rescores the guide's draw of {site['name']!r} at detached draws, which for "
+                    "a flow (a TransformedDistribution) means inverting it: one pass of its network per latent "
+                    "dimension, with a host read per dimension on CUDA; use --estimator iwae")
         scale, (log_w,) = super()._terms(model, guide, args, kwargs, model_trace, guide_trace)
         fixed_guide = poutine.trace(poutine.replay(guide, trace=_detached(guide_trace))).get_trace(*args, **kwargs)
         fixed_model = poutine.trace(poutine.replay(model, trace=fixed_guide)).get_trace(*args, **kwargs)
         _, log_p_fixed, log_q_fixed = _log_densities(fixed_model, fixed_guide, self.plate)
         return scale, (log_w, log_q_fixed, log_p_fixed)
+
+
+def _is_flow(fn) -> bool:
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return isinstance(fn, torch.distributions.TransformedDistribution)
 
 
 def _refuse_kl_weight(weight) -> None:

@@ -237,3 +237,15 @@ def test_the_gaps_of_a_flow_guide_optimise_its_local_parameters():
     gaps = inference_gaps(flow, x, num_samples=200, elbo_samples=200, max_steps=300)
     assert torch.allclose(gaps.inference, gaps.approximation + gaps.amortization, atol=1e-12, rtol=0)
     assert float(gaps.amortization.mean()) > -0.05  # q* is the best member: no worse than the encoder's, up to noise
+
+
+def test_dreg_refuses_a_flow_guide_whose_rescoring_would_invert_it():
+    from pyro_vae.objectives import EstimatorNotApplicable, build_elbo
+    from pyro_vae.steps import build_engine
+
+    flow = flow_vae()
+    engine = build_engine("module", flow, flow.model, flow.guide, build_elbo("iwae-dreg", 3), 1e-3)
+    with pytest.raises(EstimatorNotApplicable, match="inverting it.*use --estimator iwae"):
+        engine.step(x=torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64)), num_data=4)
+    build_engine("module", flow, flow.model, flow.guide, build_elbo("iwae", 3), 1e-3).step(
+        x=torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64)), num_data=4)  # plain IWAE trains it
