@@ -10,8 +10,11 @@ Phases of ours (engine ``captured``, as ``pyro-vae train`` steps): forward (the 
 Trace_ELBO of model and guide), backward, the non-finite check, Adam. Levers, each
 undone alone: ``eager Pyro`` (engine ``module``: Pyro's Python at every step),
 ``Pyro's Trace_ELBO`` (its differentiable_loss, which reads every site's value to the
-host), ``validation`` (Pyro's validation left on during steps), ``per-tensor check`` (one
-isfinite pass per gradient instead of one multi-tensor norm), ``torch Bernoulli``
+host), ``validation`` (Pyro's validation left on during steps), ``plain Normal scoring``
+(prior and guide scored by Pyro's general Normal formula instead of
+pyro_vae.distributions), ``norm check before Adam`` (one multi-tensor 2-norm, read before
+the step, instead of AMP's fused check feeding fused Adam's found_inf), ``per-tensor
+check`` (one isfinite pass per gradient, read before the step), ``torch Bernoulli``
 (``dist.Bernoulli(logits).to_event(1)`` instead of ``BernoulliImage``), ``foreach Adam``
 (instead of fused), ``no check`` (the non-finite check skipped: its cost). ``--jit`` times
 ours with Pyro's TorchScript-traced ``JitTrace_ELBO`` instead. ``--compile`` times ours
@@ -45,6 +48,7 @@ from pyro_vae.config import ModelConfig  # noqa: E402
 from pyro_vae.objectives import build_elbo  # noqa: E402
 from pyro_vae.steps import _non_finite, keep_freed_memory  # noqa: E402
 from pyro_vae.models import build_model as build_vae  # noqa: E402
+from pyro_vae.models.vae import VAE  # noqa: E402
 
 
 def per_tensor_check(loss, grads):
@@ -69,7 +73,7 @@ class CompiledCapturedLoss(CapturedLoss):
         if graph is not None:
             t0 = time.perf_counter()
             graph = torch.compile(graph, dynamic=False)
-            graph(*self._tensors(), batch, dynamic)  # compile now (forward; backward on first use)
+            graph(*self._module_tensors, *batch.values(), *dynamic.values())  # compile now (forward; backward on first use)
             self.compile_seconds = time.perf_counter() - t0
             self.graphs[key] = graph
         return graph
@@ -79,9 +83,27 @@ def no_check(loss, grads):
     return torch.zeros((), dtype=torch.bool)
 
 
-def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capture=True, elbo=None, adam="fused",
-         compile_graph=False):
+class PlainNormalVAE(VAE):
+    """The VAE with prior and guide scored by Pyro's general Normal formula."""
+
+    def prior(self):
+        return dist.Normal(self.prior_loc, self.prior_scale).expand([self.z_dim]).to_event(1)
+
+    def posterior(self, loc, scale):
+        return dist.Normal(loc, scale).to_event(1)
+
+
+def found_inf_check(loss, grads, found_inf, one):
+    """pyro_vae.steps.ModuleEngine's check: one fused pass sets found_inf, which fused Adam reads."""
+    found_inf.copy_(~torch.isfinite(loss))
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+
+
+def ours(batch_size, n, validate=False, check="found_inf", likelihood=None, capture=True, elbo=None, adam="fused",
+         compile_graph=False, plain_normals=False):
     vae = build_vae(ModelConfig(), (1, 28, 28))
+    if plain_normals:
+        vae = PlainNormalVAE(vae.encoder, vae.decoder, vae.z_dim, vae.image_shape, vae.likelihood)
     if likelihood is not None:
         vae.likelihood = likelihood
     loss_fn = (elbo or build_elbo("trace"))(vae.model, vae.guide)
@@ -89,6 +111,9 @@ def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capt
         loss_fn = (CompiledCapturedLoss if compile_graph else CapturedLoss)(loss_fn, vae)
     params = list(vae.parameters())
     opt = torch.optim.Adam(params, lr=1e-3, **{adam: True})
+    found_inf, one = torch.zeros(()), torch.ones(())
+    if check == "found_inf":
+        opt.found_inf = found_inf
     pyro.get_param_store().scope().__enter__()
     def step(x, clock):
         opt.zero_grad(set_to_none=True)
@@ -97,10 +122,18 @@ def ours(batch_size, n, validate=False, check=_non_finite, likelihood=None, capt
         clock("forward")
         loss.backward()
         clock("backward")
-        bool(check(loss.detach(), [p.grad for p in params if p.grad is not None]))
-        clock("check")
-        opt.step()
-        clock("adam")
+        grads = [p.grad for p in params if p.grad is not None]
+        if check == "found_inf":  # read after the step, which fused Adam skips when it is set
+            found_inf_check(loss.detach(), grads, found_inf, one)
+            clock("check")
+            opt.step()
+            clock("adam")
+            bool(found_inf)
+        else:  # read before the step
+            bool(check(loss.detach(), grads))
+            clock("check")
+            opt.step()
+            clock("adam")
 
     step.loss_fn = loss_fn
     return step
@@ -147,9 +180,11 @@ def main(argv=None):
         "ours, eager Pyro": ours(bs, n, capture=False),
         "ours, eager, Pyro's Trace_ELBO": ours(bs, n, capture=False, elbo=Trace_ELBO(max_plate_nesting=1)),
         "ours, validation on": ours(bs, n, validate=True),
+        "ours, plain Normal scoring": ours(bs, n, plain_normals=True),
+        "ours, norm check before Adam": ours(bs, n, check=_non_finite),
         "ours, per-tensor check": ours(bs, n, check=per_tensor_check),
         "ours, torch Bernoulli": ours(bs, n, likelihood=TorchBernoulli()),
-        "ours, foreach Adam": ours(bs, n, adam="foreach"),
+        "ours, foreach Adam": ours(bs, n, adam="foreach", check=_non_finite),
         "ours, no check": ours(bs, n, check=no_check),
     }
     if args.compile:

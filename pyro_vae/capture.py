@@ -82,8 +82,7 @@ class CapturedLoss:
             graph = self._record(key, batch, static, dynamic)
             if graph is None:
                 return self.loss_fn(**kwargs)
-        params, buffers = self._tensors()
-        return graph(params, buffers, batch, dynamic)
+        return graph(*self._module_tensors, *batch.values(), *dynamic.values())
 
     def _split(self, kwargs):
         batch, static, dynamic = {}, [], {}
@@ -121,11 +120,13 @@ class CapturedLoss:
         names += [f"module.{name}" for name, _ in self.module.named_buffers()]
         fixed = {name: value for name, value in static if value != "tensor"}
         program = _Program(self.module, self.loss_fn)
+        batch_names, dynamic_names = list(batch), list(dynamic)
 
-        def loss_of(params, buffers, batch, dynamic):
+        def loss_of(*flat):
             # the recording sees the module's parameters and buffers as inputs, not constants
-            tensors = dict(zip(names, [*params, *buffers]))
-            return torch.func.functional_call(program, tensors, (), {**batch, **fixed, **dynamic})
+            tensors = dict(zip(names, flat[: len(names)]))
+            rest = dict(zip(batch_names + dynamic_names, flat[len(names):]))
+            return torch.func.functional_call(program, tensors, (), {**rest, **fixed})
 
         hooked = _hooked_modules(self.module)
         if hooked:
@@ -135,15 +136,27 @@ class CapturedLoss:
             # An empty decomposition table keeps every op as it ran; the default one writes
             # ``detach`` as ``alias``, and a replay would then differentiate through the
             # stop-gradients of a score-function surrogate.
-            graph = make_fx(loss_of, decomposition_table={}, tracing_mode="fake")(params, buffers, batch, dynamic)
+            graph = make_fx(loss_of, decomposition_table={}, tracing_mode="fake")(
+                *params, *buffers, *batch.values(), *dynamic.values())
         except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return self._run_eagerly(reason, err)
         _drop_identity_views(graph.graph)
+        _write_linear_layers(graph.graph)
         graph.graph.eliminate_dead_code()
+        # flat positional inputs: no pytree flattening of the arguments at every replay
+        graph.graph._codegen = torch.fx.graph.CodeGen()
         graph.recompile()
+        # The module's tensors, listed once: walking the module tree costs tens of
+        # microseconds a step. Moving the module (.to) and loading a state keep the same
+        # Parameter objects; a program that replaces one gets a new recording via reset().
+        self._module_tensors = [*params, *buffers]
         self.graphs[key] = graph
         return graph
+
+    def reset(self) -> None:
+        """Forget every recording (after replacing a parameter or buffer object of the module)."""
+        self.graphs.clear()
 
 
 def _hooked_modules(module: torch.nn.Module) -> list[str]:
@@ -202,3 +215,31 @@ def _drop_identity_views(graph: torch.fx.Graph) -> None:
                for user in node.users):
             continue
         node.replace_all_uses_with(source)
+
+
+def _write_linear_layers(graph: torch.fx.Graph) -> None:
+    """Write ``addmm(bias, x, t(weight))`` back as ``linear(x, weight, bias)``, which is
+    how ``nn.Linear`` ran before the recording decomposed it: for a 2-D input ``linear``
+    calls exactly that ``addmm`` (the same kernel, the same values and the same autograd
+    nodes), in one Python call instead of two."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
+            continue
+        if len(node.args) != 3:
+            continue
+        bias, x, transposed = node.args
+        if not (isinstance(transposed, torch.fx.Node) and transposed.target is aten.t.default
+                and len(transposed.users) == 1 and isinstance(x, torch.fx.Node)):
+            continue
+        weight = transposed.args[0]
+        x_val, w_val = x.meta.get("val"), getattr(weight, "meta", {}).get("val")
+        if not isinstance(x_val, torch.Tensor) or x_val.dim() != 2 or not isinstance(w_val, torch.Tensor) \
+                or w_val.dim() != 2:
+            continue
+        with graph.inserting_before(node):
+            linear = graph.call_function(aten.linear.default, (x, weight, bias))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        graph.erase_node(transposed)

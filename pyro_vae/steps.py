@@ -14,10 +14,14 @@ batch shape as a graph of tensor operations and replayed (:mod:`pyro_vae.capture
 same operations and random draws, without Pyro's per-step Python.
 
 All three check for non-finite values before the optimiser moves: an engine raises
-:class:`NonFiniteError` rather than take a poisoned step. On CUDA the ``module`` and
-``captured`` engines instead record the first bad step in a device tensor and the loop
-reads it when it reports progress, so no step waits for the GPU (and a poisoned state
-is never saved).
+:class:`NonFiniteError` rather than take a poisoned step. The ``module`` and ``captured``
+engines check as AMP's GradScaler does: one fused pass over the gradients sets a device
+flag, ``found_inf``, and fused Adam skips the update on the device when it is set
+(parameters, moments and step count untouched), so the flag is read after the step,
+not before it. On the CPU it is read at once and the step raises. On CUDA the engines
+record the first bad step in a device tensor and the loop reads it when it reports
+progress, so no step waits for the GPU, and the skipped updates leave the parameters
+clean (a poisoned state is never saved either way).
 """
 
 from __future__ import annotations
@@ -111,7 +115,16 @@ class ModuleEngine:
         self.optim = multi_tensor_adam(self.params, lr)
         self.deferred = cuda  # on CUDA, checks are read later instead of synchronising now
         self.steps = 0
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.params[0].device)
+        device = self.params[0].device
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        # the non-finite check as AMP's GradScaler does it: one fused pass over the
+        # gradients sets found_inf, which fused Adam reads on the device to skip the update
+        self.found_inf = None
+        if self.optim.defaults.get("fused") and hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_"):
+            self.found_inf = torch.zeros((), device=device)
+            self.optim.found_inf = self.found_inf
+            self._one = torch.ones((), device=device)
+            self._loss_bad = torch.zeros((), dtype=torch.bool, device=device)
 
     group = None  # a distributed.Group: gradients summed over ranks (distribute())
     weight = 1.0  # this rank's share b_r / B of the step's minibatch, when distributed
@@ -134,12 +147,25 @@ class ModuleEngine:
             loss = self.group.all_reduce_(_weighted_grads(self.params, self.weight), loss.detach() * self.weight)
         grads = [p.grad for p in self.params if p.grad is not None]
         self.steps += 1
-        if self.deferred:
-            bad = _non_finite(loss, grads)
-            self.first_bad = torch.where(self.first_bad.lt(0) & bad, self.steps, self.first_bad)
-        else:
-            _raise_if_non_finite(loss, grads)
+        if self.found_inf is None:  # an Adam that cannot skip by itself: check, then step
+            if self.deferred:
+                bad = _non_finite(loss, grads)
+                self.first_bad = torch.where(self.first_bad.lt(0) & bad, self.steps, self.first_bad)
+            else:
+                _raise_if_non_finite(loss, grads)
+            self.optim.step()
+            return loss.detach()
+        # fused Adam leaves parameters, moments and step count untouched when found_inf
+        # is set (as under AMP's GradScaler), so the check need not be read before the update
+        torch.logical_not(torch.isfinite(loss.detach()), out=self._loss_bad)
+        self.found_inf.copy_(self._loss_bad)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
         self.optim.step()
+        if self.deferred:
+            self.first_bad = torch.where(self.first_bad.lt(0) & self.found_inf.bool(), self.steps, self.first_bad)
+        elif bool(self.found_inf):
+            _raise_if_non_finite(loss, grads)
         return loss.detach()
 
     def check(self) -> None:

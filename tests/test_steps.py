@@ -122,3 +122,67 @@ def test_unknown_engine_in_the_config_names_the_choices():
     # the choices come from the engine registry itself: there is no second list to drift
     with pytest.raises(ValueError, match="unknown engine 'jax'; choose one of: captured, module, svi"):
         TrainConfig(engine="jax")
+
+
+def _tensors(state):
+    """Every tensor in an optimiser state (nested dicts and lists), in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state.clone()]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
+def _snapshot(vae, engine):
+    """Copies of the parameters and of the optimiser's state (moments and step counts)."""
+    return [p.detach().clone() for p in vae.parameters()] + _tensors(engine.state_dict())
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b) and len(a) > 10  # parameters and Adam's state were captured
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["svi", "module", "captured"])
+def test_a_nan_gradient_under_a_finite_loss_stops_before_any_tensor_moves(name):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=4, hidden_dims=(32,)), (1, 28, 28))
+    engine = build_engine(name, vae, vae.model, vae.guide, build_elbo(), 1e-2, validate=False)
+    x = random_binary(16, (1, 28, 28), torch.float32)
+    with pyro.get_param_store().scope():
+        for _ in range(3):  # Adam has moments to lose; captured has recorded and replayed
+            engine.step(x=x, num_data=64)
+        before = _snapshot(vae, engine)
+        hook = vae.encoder.body[0][0].weight.register_hook(lambda g: g * float("nan"))
+        with pytest.raises(NonFiniteError, match="a gradient holds NaN"):
+            engine.step(x=x, num_data=64)
+        hook.remove()
+        _assert_same(before, _snapshot(vae, engine))
+
+
+@pytest.mark.parametrize("name", ["module", "captured"])
+def test_a_deferred_check_skips_the_bad_update_on_the_device_and_reports_it_later(name):
+    # as on CUDA (engine.deferred): the step does not read the flag, fused Adam skips on it
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=4, hidden_dims=(32,)), (1, 28, 28))
+    engine = build_engine(name, vae, vae.model, vae.guide, build_elbo(), 1e-2, validate=False)
+    engine.deferred = True
+    x = random_binary(16, (1, 28, 28), torch.float32)
+    with pyro.get_param_store().scope():
+        for _ in range(3):
+            engine.step(x=x, num_data=64)
+        engine.check()
+        before = _snapshot(vae, engine)
+        hook = vae.decoder.net[-1].weight.register_hook(lambda g: g * float("inf"))
+        engine.step(x=x, num_data=64)  # no exception: the flag stays on the device
+        hook.remove()
+        _assert_same(before, _snapshot(vae, engine))  # the poisoned update was not taken
+        engine.step(x=x, num_data=64)
+        assert not torch.equal(before[0], next(vae.parameters()))  # a good step moves again
+        with pytest.raises(NonFiniteError, match="1 step"):
+            engine.check()

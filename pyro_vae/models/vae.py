@@ -43,6 +43,7 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from ..distributions import DiagonalNormal, StandardNormal
 from ..likelihoods import BernoulliLikelihood, build_likelihood
 from ..networks import build_networks
 from . import MODELS, data_plate
@@ -92,8 +93,9 @@ class VAE(nn.Module):
     # -- the probabilistic program -------------------------------------------------
 
     def prior(self) -> dist.TorchDistribution:
-        """p(z) = N(0, I): one event of ``z_dim`` dimensions."""
-        return dist.Normal(self.prior_loc, self.prior_scale).expand([self.z_dim]).to_event(1)
+        """p(z) = N(0, I): one event of ``z_dim`` dimensions (``Normal(0, 1).expand([z_dim]).to_event(1)``,
+        scored as ``-z^2 / 2`` summed, pyro_vae.distributions)."""
+        return StandardNormal.of_size(self.z_dim, like=self.prior_loc)
 
     def model(self, x=None, *, num_data=None, kl_weight=1.0, batch_size=None):
         """p(x, z) = p(z) p(x|z). With ``x=None`` it generates ``batch_size`` images.
@@ -125,8 +127,10 @@ class VAE(nn.Module):
         return loc, scale
 
     def posterior(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
-        """The guide's family given the encoder's output: N(loc, diag scale^2), one event."""
-        return dist.Normal(loc, scale).to_event(1)
+        """The guide's family given the encoder's output: N(loc, diag scale^2), one event
+        (``Normal(loc, scale).to_event(1)``, scoring its own draws from their noise,
+        pyro_vae.distributions)."""
+        return DiagonalNormal.of(loc, scale)
 
     def latent_weight(self, kl_weight):
         """The handler that weights ``"z"`` in model and guide (:func:`kl_scaled`)."""

@@ -34,6 +34,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..distributions import DiagonalNormal, StandardNormal
 from ..networks import MLPDecoder, MLPEncoder
 from . import MODELS
 from .vae import VAE, networks_and_likelihood
@@ -66,7 +67,7 @@ class TwoLayerVAE(VAE):
 
     def top_prior(self) -> dist.TorchDistribution:
         """p(z2) = N(0, I)."""
-        return dist.Normal(self.prior_loc, self.prior_scale).expand([self.z2_dim]).to_event(1)
+        return StandardNormal.of_size(self.z2_dim, like=self.prior_loc)
 
     def model(self, x=None, *, num_data=None, kl_weight=1.0, batch_size=None):
         """p(x, z1, z2) = p(z2) p(z1|z2) p(x|z1); ``kl_weight`` weights both latent sites."""
@@ -92,8 +93,8 @@ class TwoLayerVAE(VAE):
         x = self._flatten(x)
         with self._plate(x, num_data, batch_size):
             with self.latent_weight(kl_weight):
-                z1 = pyro.sample("z1", dist.Normal(*self.encoder(x)).to_event(1))
-                pyro.sample("z2", dist.Normal(*self.upper_encoder(z1)).to_event(1))
+                z1 = pyro.sample("z1", DiagonalNormal.of(*self.encoder(x)))
+                pyro.sample("z2", DiagonalNormal.of(*self.upper_encoder(z1)))
 
     @torch.no_grad()
     def sample_prior(self, num: int) -> torch.Tensor:
