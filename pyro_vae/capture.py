@@ -101,9 +101,9 @@ class CapturedLoss:
         return batch, tuple(static), dynamic
 
     def _run_eagerly(self, reason: str, err: Exception | None = None):
+        self.eager_reason = reason
         if self.strict:
             raise CaptureError(f"could not record the loss as a graph ({reason})") from err
-        self.eager_reason = reason
         warnings.warn(
             f"pyro_vae: the model and guide could not be recorded as a fixed graph ({reason}); "
             "running them eagerly at every step (engine 'module' does this always)",

@@ -34,20 +34,24 @@ LIKELIHOODS = Registry("likelihood")
 
 
 class BernoulliImage(dist.Independent):
-    """``Bernoulli(logits).to_event(1)``, scored in one fused pass.
+    r"""``Bernoulli(logits).to_event(1)``, scored in three passes over the logits.
 
     Same distribution as ``dist.Bernoulli(logits=...).to_event(1)`` (sampling, support,
-    expansion are inherited); ``log_prob`` sums the pixels' log-probabilities inside one
-    ``binary_cross_entropy_with_logits`` call and negates the per-image sum, instead of
-    negating every pixel and then summing: a few percent of a training step at batch
-    1024 on the CPU (experiments/benchmark.py).
+    expansion are inherited); ``log_prob`` is
+    :math:`\sum_d x_d l_d - \mathrm{softplus}(l_d)` (the Bernoulli log-probability
+    :math:`x \log\sigma(l) + (1 - x)\log\sigma(-l)` rearranged), one fused
+    multiply-and-sum and one softplus-and-sum, instead of
+    ``binary_cross_entropy_with_logits``, whose CPU kernel makes several passes. On the
+    CPU that is 25 % less time for the scoring in importance-sampled evaluation and 40 %
+    less forward and backward at batch 1024 (docs/performance.md). Float32 rounding of
+    the two sums differs from the cross-entropy's by about 1e-4 nats per image.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = broadcast_all(self.base_dist.logits, value)
-        return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+        logits = self.base_dist.logits
+        return torch.linalg.vecdot(logits, value) - softplus(logits).sum(-1)
 
 
 class Likelihood(nn.Module):

@@ -20,6 +20,9 @@ def test_benchmark_smoke(tmp_path, data_dir):
     assert row["device"] == "cpu" and row["ours_images_per_s"] > 0 and row["reference_images_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["reference_images_per_s"])
     assert row["ours_peak_mib"] > 0
+    names = [row["variant"] for row in report["is_throughput"]]
+    assert any("pyro_vae" in n for n in names) and any("hand-written best" in n for n in names)
+    assert all(row["images_per_s"] > 0 and 0 < row["matmul_share"] for row in report["is_throughput"])
     (is_run,) = report["importance_sampling"]
     assert is_run["num_images"] == 20 and is_run["log_px_is10"]["mean"] < 0
 
@@ -68,3 +71,40 @@ def test_profile_step_jit_smoke():
                           "--steps", "2", "--rounds", "1", "--jit"], check=True, capture_output=True, text=True)
     names = [line.split("  ")[0].strip() for line in res.stdout.splitlines()[2:]]
     assert names == ["reference", "ours, JitTrace_ELBO"]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_handwritten_importance_loops_compute_pyro_vaes_bound_on_the_same_noise(fast):
+    import torch
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from benchmark import handwritten_log_px
+
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.evaluate import log_px_importance
+    from pyro_vae.models import build_model as build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=8, hidden_dims=(32,)), (1, 28, 28))
+    x = torch.bernoulli(torch.full((10, 784), 0.2))
+    ours = log_px_importance(vae.model, vae.guide, x, num_samples=200, batch_size=5, max_elements=400, seed=4)
+    torch.manual_seed(4)
+    theirs = handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, fast=fast)
+    assert torch.allclose(ours, theirs, rtol=0, atol=2e-3)  # float32 sums of 784 pixels, two ways
+    torch.manual_seed(5)  # other noise: another value (the comparison above is not vacuous)
+    assert not torch.allclose(ours, handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, fast=fast),
+                              rtol=0, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_whole_process_comparison_smoke(tmp_path, data_dir):
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
+    subprocess.run([sys.executable, str(REPO / "experiments" / "whole_process.py"), "--epochs", "1", "--repeats", "1",
+                    "--limit", "1000", "--out", str(tmp_path)], check=True, env=env, capture_output=True, text=True)
+    report = json.loads((tmp_path / "whole-process.json").read_text())
+    for side in ("pyro-vae train", "hand-written"):
+        (run,) = report["runs"][side]
+        assert run["wall_seconds"] > run["train_seconds"] > 0
+        assert -600 < run["final_test_elbo"] < -100  # both trained and evaluated something (one epoch, 1,000 images)
+    assert report["ratio_wall"] == pytest.approx(report["medians"]["hand-written"]["wall_seconds"]
+                                                 / report["medians"]["pyro-vae train"]["wall_seconds"])

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.evaluate import elbo_terms, log_px_importance
+from pyro_vae.evaluate import _recorded_log_weights, elbo_terms, log_px_importance
 
 from helpers import random_binary, tiny_vae
 
@@ -111,3 +111,38 @@ def test_rejects_zero_samples():
     vae = tiny_vae()
     with pytest.raises(ValueError, match="at least 1"):
         log_px_importance(vae.model, vae.guide, random_binary(2), num_samples=0)
+
+
+def test_the_recorded_scoring_is_the_traced_one_value_for_value():
+    # model and guide of one module: chunks after a batch's first are replayed from a
+    # recording; plain functions are traced at every chunk. Same draws, same values.
+    vae = tiny_vae(z_dim=4)
+    x = random_binary(12)
+    recorded = log_px_importance(vae.model, vae.guide, x, num_samples=96, batch_size=5, max_elements=80, seed=2)
+    traced = log_px_importance(lambda *a, **k: vae.model(*a, **k), lambda *a, **k: vae.guide(*a, **k), x,
+                               num_samples=96, batch_size=5, max_elements=80, seed=2)
+    assert torch.allclose(recorded, traced, rtol=1e-6, atol=1e-6)
+    score = _recorded_log_weights(vae.model, vae.guide)
+    with torch.no_grad():
+        for first in (True, False, False):
+            score(x=x[:5], num_samples=16, first=first)
+    assert score.recording.eager_reason is None and len(score.recording.graphs) == 1
+
+
+class _ValueReadingVAE(type(tiny_vae())):
+    """A guide that reads a value (a branch on the data): it cannot be recorded."""
+
+    def guide(self, x=None, **kwargs):
+        if float(x.sum()) < 0:
+            raise AssertionError("binary data")
+        return super().guide(x, **kwargs)
+
+
+def test_a_program_that_cannot_be_recorded_is_scored_eagerly_and_silently(recwarn):
+    vae = tiny_vae(z_dim=4)
+    other = _ValueReadingVAE(vae.encoder, vae.decoder, vae.z_dim, vae.image_shape, vae.likelihood)
+    x = random_binary(6)
+    a = log_px_importance(vae.model, vae.guide, x, num_samples=48, batch_size=3, max_elements=30, seed=0)
+    b = log_px_importance(other.model, other.guide, x, num_samples=48, batch_size=3, max_elements=30, seed=0)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not [w for w in recwarn if "recorded" in str(w.message)]
