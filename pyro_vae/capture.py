@@ -53,20 +53,24 @@ class CapturedLoss:
         special cases (no handler at KL weight 1, a mask at 0): those get recordings of
         their own.
     :param strict: raise :class:`CaptureError` instead of warning and running eagerly.
+    :param warmed_up: the caller has run ``loss_fn`` eagerly already (so Pyro's param
+        store holds the module's parameters), and the first call may record; else the
+        first call runs eagerly.
 
     A recording is keyed by the batch tensors' names, shapes, dtypes and devices and by
     the other arguments' values: never by a tensor's identity, so every batch of the same
     shape replays the same recording.
     """
 
-    def __init__(self, loss_fn, module: torch.nn.Module, tensor_kwargs=("kl_weight",), strict: bool = False):
+    def __init__(self, loss_fn, module: torch.nn.Module, tensor_kwargs=("kl_weight",), strict: bool = False,
+                 warmed_up: bool = False):
         self.loss_fn = loss_fn
         self.module = module
         self.tensor_kwargs = tuple(tensor_kwargs)
         self.strict = strict
         self.graphs: dict = {}
         self.eager_reason: str | None = None  # set when recording failed: run eagerly
-        self._warmed_up = False
+        self._warmed_up = warmed_up
 
     def __call__(self, **kwargs) -> torch.Tensor:
         if self.eager_reason is not None or is_validation_enabled() or not self._warmed_up:

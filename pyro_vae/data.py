@@ -267,10 +267,14 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.data)
 
+    _last: tuple[int, torch.Tensor] | None = None  # the last epoch binarised, and its images
+
     def images(self, epoch: int) -> torch.Tensor:
-        if self.dynamic:
-            return binarize(self.data.images, epoch_seed(self.seed, epoch, self.BINARIZE))
-        return self._fixed
+        if not self.dynamic:
+            return self._fixed
+        if self._last is None or self._last[0] != epoch:  # (drawing 47 M pixels takes a quarter second)
+            self._last = (epoch, binarize(self.data.images, epoch_seed(self.seed, epoch, self.BINARIZE)))
+        return self._last[1]
 
     def permutation(self, epoch: int) -> torch.Tensor:
         device = self.data.images.device

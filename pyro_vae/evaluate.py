@@ -216,7 +216,8 @@ def _recorded_log_weights(model, guide):
     module = getattr(model, "__self__", None)
     if not isinstance(module, torch.nn.Module) or getattr(guide, "__self__", None) is not module:
         return eager
-    recorded = CapturedLoss(eager, module, tensor_kwargs=(), strict=True)
+    # every batch's first chunk runs eagerly (below), so the first recorded call may record
+    recorded = CapturedLoss(eager, module, tensor_kwargs=(), strict=True, warmed_up=True)
 
     def score(x, num_samples, first, **extra):
         # a batch's first chunk runs eagerly, under the caller's validation: Pyro checks

@@ -21,30 +21,49 @@ non-interactive Agg backend. The torchvision grids (:func:`save_sample_grid`,
 
 from __future__ import annotations
 
+import importlib
 import io
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid, save_image
 
-matplotlib.use("Agg")
+from . import views
+from .evaluate import active_units, kl_per_dimension
+from .registry import Registry
+from .rng import forked_rng
+from .views import ViewUnavailable, posterior_means
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import colors as mcolors  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from . import views  # noqa: E402
-from .evaluate import active_units, kl_per_dimension  # noqa: E402
-from .registry import Registry  # noqa: E402
-from .rng import forked_rng  # noqa: E402
-from .views import ViewUnavailable, posterior_means  # noqa: E402
+class _OnFirstUse:
+    """A module imported when one of its names is first used. matplotlib's pyplot takes
+    about 0.35 s to import; the CLI imports this module for the figure registry, so every
+    command (``train`` included) would otherwise pay for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        module = sys.modules.get(self._name)
+        if module is None:
+            if "matplotlib.pyplot" not in sys.modules:
+                import matplotlib
+
+                matplotlib.use("Agg")  # files only, never a window (a session's own pyplot is left alone)
+            module = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+plt = _OnFirstUse("matplotlib.pyplot")
+mcolors = _OnFirstUse("matplotlib.colors")
+mpatches = _OnFirstUse("matplotlib.patches")
+mticker = _OnFirstUse("matplotlib.ticker")
 
 DPI = 100
 FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
@@ -459,7 +478,7 @@ def curves_figure(records: Sequence[dict], path: str | Path, *, density: bool = 
             ax.set_xticks([])
             ax.set_yticks([])
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
     _figure_legend(fig, legend_axes)
     fig.suptitle(title or "Per-epoch metrics (higher ELBO and log-likelihood are better)")
     return _save(fig, path, pdf)
@@ -918,7 +937,7 @@ def _scatter_codes(ax, xy: torch.Tensor, labels, axis_labels, prior_circles: boo
     if prior_circles:
         lim = max(3.0, float(np.percentile(np.abs(xy), 99.9)) * 1.05)  # a few far outliers may fall outside
         for r in (1, 2):
-            ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=1, color="0.3"))
+            ax.add_patch(mpatches.Circle((0, 0), r, fill=False, ls="--", lw=1, color="0.3"))
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")

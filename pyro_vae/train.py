@@ -306,7 +306,9 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             t0 = time.perf_counter()
             images, labels = training_set.images(epoch), training_set.labels
             perm = training_set.permutation(epoch)
-            if check_data is not None:
+            if check_data is not None and epoch == position["epoch"]:
+                # once: images used as they are stay the same tensor, and every later epoch's
+                # dynamic binarisation is binary by construction
                 check_data(images, f"the training images of epoch {epoch + 1}")
             engine.set_lr(learning_rate(cfg.lr, cfg.lr_schedule, epoch))
             bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -405,7 +407,9 @@ def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg) -> dic
     in nats per image, at a fixed evaluation seed. A program whose guide is a point mass
     (the autoencoder) has no ELBO: only its reconstruction term is reported."""
     labels = labels if ProgramCall(program).takes["y"] else None
-    with pyro.get_param_store().scope():
+    # the images were checked when training started; Pyro's validation would check them again at every batch
+    validate = is_validation_enabled() and getattr(program, "check_data", None) is None
+    with pyro.get_param_store().scope(), pyro.validation_enabled(validate):
         terms = elbo_terms(program.model, program.guide, images, cfg.eval_batch_size, seed=EVAL_SEED, labels=labels)
     if getattr(program, "point_estimate", False):
         terms = {"log_lik": terms["log_lik"]}
