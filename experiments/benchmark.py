@@ -334,6 +334,7 @@ def is_throughput_table(device_name, num_images, num_samples, rounds) -> list[di
         "hand-written, 5,000 outputs per chunk": handwritten(5_000, False),
         "hand-written best (fast formulas, 5,000 outputs per chunk)": handwritten(5_000, True),
         "hand-written best (fast formulas, 2,000 outputs per chunk)": handwritten(2_000, True),
+        "hand-written best (fast formulas, 1,000 outputs per chunk)": handwritten(1_000, True),
     }
     with torch.no_grad(), __import__("pyro").validation_enabled(False):
         values = {name: fn() for name, fn in variants.items()}  # warm up, and the values to compare

@@ -154,11 +154,11 @@ def log_px_importance(
     Images go ``batch_size`` at a time and the K samples in chunks of at most
     ``max_elements // batch_size``, combined by a running log-sum-exp, so memory stays
     bounded (about ``max_elements`` decoder outputs at once) whatever K is. The default,
-    :func:`default_chunk_elements`, sizes the chunks for the CPU's cache (5,000 outputs)
+    :func:`default_chunk_elements`, sizes the chunks for the CPU's cache (2,000 outputs)
     or for a GPU's width (50,000). The chunking changes no value: the draws are the same
     whatever it is, as long as each chunk draws a multiple of 16 numbers (the block in
-    which torch's CPU generator makes normal draws), as the defaults do for 100
-    images and an even latent size.
+    which torch's CPU generator makes normal draws), as the CPU default does for batches
+    of 100 images.
 
     ``group`` (a :class:`pyro_vae.distributed.Group`) shares the batches out: each rank
     scores a contiguous run of them and the values are gathered on every rank. The
@@ -195,12 +195,12 @@ def log_px_importance(
 def default_chunk_elements(device: torch.device) -> int:
     """Decoder outputs (samples x images) per chunk of importance sampling.
 
-    On the CPU, 5,000: a chunk's outputs (5,000 x 784 floats for MNIST, 16 MB) stay in
-    the cache between the decoder and the scoring. ``experiments/benchmark.py`` measured
-    the hand-written loop 1.7x faster with 5,000 than with 50,000, and pyro_vae's about
-    the same from 1,000 to 5,000 (docs/performance.md). On a GPU, 50,000: small chunks
+    On the CPU, 2,000: a chunk's outputs (2,000 x 784 floats for MNIST, 6 MB) stay in the
+    cache between the decoder and the scoring. ``experiments/benchmark.py`` measured a
+    hand-written loop 1.7x faster with 5,000 than with 50,000, and pyro_vae's fastest at
+    2,000 of 1,000, 2,000 and 5,000 (docs/performance.md). On a GPU, 50,000: small chunks
     leave it idle between kernel launches (not measured here: no GPU was lent)."""
-    return 50_000 if device.type == "cuda" else 5_000
+    return 50_000 if device.type == "cuda" else 2_000
 
 
 def _recorded_log_weights(model, guide):
