@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -339,8 +340,12 @@ def is_throughput_table(device_name, num_images, num_samples, rounds) -> list[di
     with torch.no_grad(), __import__("pyro").validation_enabled(False):
         values = {name: fn() for name, fn in variants.items()}  # warm up, and the values to compare
         seconds = {name: [] for name in variants}
+        order = random.Random(0)
         for _ in range(rounds):
-            for name, fn in variants.items():
+            names = list(variants)
+            order.shuffle(names)  # a fresh order each round: no variant always follows the same one
+            for name in names:
+                fn = variants[name]
                 t0 = time.perf_counter()
                 fn()
                 if device.type == "cuda":
@@ -355,6 +360,7 @@ def is_throughput_table(device_name, num_images, num_samples, rounds) -> list[di
         med = statistics.median(seconds[name])
         row = {"device": device_name, "variant": name, "images": num_images, "num_samples": num_samples,
                "rounds": rounds, "images_per_s": num_images / med,
+               "images_per_s_per_round": [num_images / t for t in seconds[name]],
                "speed_vs_handwritten_50000": base / med,
                "matmul_share": num_images * flops_per_image / med / 1e9 / gflops, "matmul_gflops": gflops,
                "max_abs_diff_vs_handwritten_nats": float((values[name] - reference).abs().max())}

@@ -211,7 +211,7 @@ def _recorded_log_weights(model, guide):
     chunks large), so chunks can be sized for the cache instead. Other programs, and
     any that cannot be recorded, are traced at every chunk as before."""
     def eager(x, num_samples, first=True, **extra):
-        return log_weights(model, guide, x, num_samples, **extra)
+        return batch_log_weights(model, guide, x, num_samples, **extra)
 
     module = getattr(model, "__self__", None)
     if not isinstance(module, torch.nn.Module) or getattr(guide, "__self__", None) is not module:
