@@ -56,6 +56,12 @@ class CapturedLoss:
     :param warmed_up: the caller has run ``loss_fn`` eagerly already (so Pyro's param
         store holds the module's parameters), and the first call may record; else the
         first call runs eagerly.
+    :param reuse_batch_part: compute the operations that depend on nothing but the
+        module's tensors and the batch (no random draw, no other argument) once, and
+        reuse their values while the same batch tensors come back with the same
+        parameters: e.g. the encoder's output in importance sampling, which scores one
+        batch chunk after chunk. Only without autograd (under ``torch.no_grad``); with
+        gradients every call computes everything, as a backward pass needs its own graph.
 
     A recording is keyed by the batch tensors' names, shapes, dtypes and devices and by
     the other arguments' values: never by a tensor's identity, so every batch of the same
@@ -63,8 +69,9 @@ class CapturedLoss:
     """
 
     def __init__(self, loss_fn, module: torch.nn.Module, tensor_kwargs=("kl_weight",), strict: bool = False,
-                 warmed_up: bool = False):
+                 warmed_up: bool = False, reuse_batch_part: bool = False):
         self.loss_fn = loss_fn
+        self.reuse_batch_part = reuse_batch_part
         self.module = module
         self.tensor_kwargs = tuple(tensor_kwargs)
         self.strict = strict
@@ -155,12 +162,104 @@ class CapturedLoss:
         # microseconds a step. Moving the module (.to) and loading a state keep the same
         # Parameter objects; a program that replaces one gets a new recording via reset().
         self._module_tensors = [*params, *buffers]
+        if self.reuse_batch_part:
+            graph = _BatchPartReused.split(graph, len(names) + len(batch_names)) or graph
         self.graphs[key] = graph
         return graph
 
     def reset(self) -> None:
         """Forget every recording (after replacing a parameter or buffer object of the module)."""
         self.graphs.clear()
+
+
+class _BatchPartReused:
+    """A recording cut in two: ``prefix`` computes, from the module's tensors and the
+    batch alone, every value that needs no random draw and no other argument; ``rest``
+    computes the loss from all the inputs and those values. Called as the whole
+    recording is, with the module's tensors, the batch, then the other arguments.
+
+    The prefix's values are kept and reused while the same tensor objects come back
+    unchanged (same ``_version``: an in-place update such as an optimiser step counts
+    as a change) and autograd is off. The same operations run on the same inputs, in
+    the order the prefix computed them once, so the values are those of the whole
+    recording, bit for bit."""
+
+    def __init__(self, prefix: torch.fx.GraphModule, rest: torch.fx.GraphModule, num_fixed: int):
+        self.prefix, self.rest, self.num_fixed = prefix, rest, num_fixed
+        self._inputs: list | None = None
+        self._versions: tuple = ()
+        self._part: tuple = ()
+
+    @classmethod
+    def split(cls, graph: torch.fx.GraphModule, num_fixed: int) -> "_BatchPartReused | None":
+        """Cut ``graph``, whose first ``num_fixed`` inputs are the module's tensors and the
+        batch, or None when no operation depends on those alone."""
+        g = graph.graph
+        placeholders = [n for n in g.nodes if n.op == "placeholder"]
+        fixed = placeholders[:num_fixed]
+        written = _written_nodes(g)
+        hoisted: list[torch.fx.Node] = []
+        known = set(fixed)
+        for node in g.nodes:
+            if node.op == "get_attr" or (node.op == "call_function" and _is_pure(node.target)):
+                if node not in written and all(arg in known for arg in node.all_input_nodes):
+                    hoisted.append(node)
+                    known.add(node)
+        in_prefix = set(hoisted)
+        frontier = [n for n in hoisted if any(user not in in_prefix for user in n.users)]
+        if not frontier:
+            return None
+        prefix_graph = torch.fx.Graph()
+        env = {node: prefix_graph.placeholder(node.name) for node in fixed}
+        for node in hoisted:
+            env[node] = prefix_graph.node_copy(node, env.__getitem__)
+        prefix_graph.output(tuple(env[node] for node in frontier))
+        prefix = torch.fx.GraphModule(graph, prefix_graph)
+        last = placeholders[-1]
+        for i, node in enumerate(frontier):
+            with g.inserting_after(last):
+                last = g.placeholder(f"batch_part_{i}")
+            last.meta = dict(node.meta)
+            node.replace_all_uses_with(last, delete_user_cb=lambda user: user not in in_prefix)
+        for node in reversed(hoisted):
+            g.erase_node(node)
+        graph.recompile()
+        return cls(prefix, graph, num_fixed)
+
+    def __call__(self, *flat):
+        fixed = flat[: self.num_fixed]
+        if torch.is_grad_enabled():
+            return self.rest(*flat, *self.prefix(*fixed))
+        versions = tuple(t._version for t in fixed)
+        if self._inputs is None or versions != self._versions or \
+                any(a is not b for a, b in zip(fixed, self._inputs)):
+            self._part = self.prefix(*fixed)
+            self._inputs, self._versions = list(fixed), versions
+        return self.rest(*flat, *self._part)
+
+
+def _is_pure(target) -> bool:
+    """An aten op that writes no input and draws no random number."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+
+
+def _written_nodes(graph: torch.fx.Graph) -> set:
+    """Nodes whose tensor an op writes in place, directly or through a view, with the
+    views' bases: their values change after they are made, so they cannot be kept."""
+    written = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, argument in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
+                while isinstance(value, torch.fx.Node) and value not in written:
+                    written.add(value)
+                    is_view = getattr(value.target, "is_view", False)
+                    value = value.args[0] if is_view and value.args else None
+    return written
 
 
 def _hooked_modules(module: torch.nn.Module) -> list[str]:

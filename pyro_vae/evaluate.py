@@ -217,7 +217,8 @@ def _recorded_log_weights(model, guide):
     if not isinstance(module, torch.nn.Module) or getattr(guide, "__self__", None) is not module:
         return eager
     # every batch's first chunk runs eagerly (below), so the first recorded call may record
-    recorded = CapturedLoss(eager, module, tensor_kwargs=(), strict=True, warmed_up=True)
+    # The encoder's work on a batch, done once per batch instead of once per chunk
+    recorded = CapturedLoss(eager, module, tensor_kwargs=(), strict=True, warmed_up=True, reuse_batch_part=True)
 
     def score(x, num_samples, first, **extra):
         # a batch's first chunk runs eagerly, under the caller's validation: Pyro checks

@@ -208,3 +208,56 @@ def test_a_replayed_step_with_nan_parameters_stops_before_the_update():
             engine.step(x=x, num_data=20)
     for p, q in zip(before, vae.parameters()):
         assert torch.equal(p.nan_to_num(), q.nan_to_num())  # not moved (the NaN compared as 0)
+
+
+def _noisy_tanh(net):
+    def loss(x):
+        h = torch.tanh(net(x))
+        return (h + torch.randn(h.shape)).pow(2).sum(-1)
+    return loss
+
+
+def _written_in_place(net):
+    def loss(x):
+        h = net(x) * 2.0
+        h.add_(torch.randn(h.shape))  # a value of the batch alone, then written: it cannot be kept
+        return h.sum(-1)
+    return loss
+
+
+@pytest.mark.parametrize("make_loss", [_noisy_tanh, _written_in_place])
+def test_a_batch_part_is_computed_once_per_batch_and_draws_nothing(make_loss):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    loss = make_loss(net)
+    reused = CapturedLoss(loss, net, warmed_up=True, strict=True, reuse_batch_part=True)
+    x, other = torch.randn(4, 3), torch.randn(4, 3)
+
+    def same_as_eager(inp):
+        torch.manual_seed(7)
+        got = reused(x=inp)
+        torch.manual_seed(7)
+        return torch.equal(got, loss(inp))
+
+    with torch.no_grad(), pyro.validation_enabled(False):  # under validation, every call runs eagerly
+        assert same_as_eager(x)  # records
+        split = next(iter(reused.graphs.values()))
+        prefix, calls = split.prefix, []
+        split.prefix = lambda *a: calls.append(1) or prefix(*a)
+        for inp in (x, x, x, other, other, x):
+            assert same_as_eager(inp)
+        assert len(calls) == 2  # other, then x again (x's from the recording call was kept)
+        net.weight.mul_(2)  # an in-place update (an optimiser step): the kept values are stale
+        assert same_as_eager(x) and len(calls) == 3
+        state = torch.get_rng_state()
+        prefix(*reused._module_tensors, x)
+        assert torch.equal(state, torch.get_rng_state())  # the batch part draws no random number
+    # with autograd on, every call computes its batch part, and the gradients are the eager ones
+    grads = []
+    for fn in (reused, reused, loss):
+        net.zero_grad()
+        torch.manual_seed(7)
+        with pyro.validation_enabled(False):
+            fn(x=x).sum().backward()
+        grads.append(net.weight.grad.clone())
+    assert len(calls) == 5 and torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[2])
