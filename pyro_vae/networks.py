@@ -19,9 +19,34 @@ from torch.nn import functional as F
 
 from .registry import Registry
 
+
+
+def softplus(h: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^h), the value of ``torch.nn.functional.softplus`` to float rounding.
+
+    On the CPU without autograd (evaluation), computed as max(h, 0) + log(1 + e^-|h|)
+    with torch's vectorised ``exp`` and ``log``, in place. torch's CPU softplus goes
+    through ``log1p``, which measured 7 ns an element on this project's machine against
+    1.2 ns for this form, and softplus is most of an importance-sampled evaluation's
+    time (docs/performance.md). The two agree within 6e-7 for every float32 input
+    (``tests/test_networks.py``). With autograd (training), and on other devices, it is
+    torch's own: its backward is one fused pass, and on a GPU its forward is one kernel.
+    """
+    if h.device.type != "cpu" or (h.requires_grad and torch.is_grad_enabled()):
+        return F.softplus(h)
+    return torch.exp(h.abs().neg_()).add_(1).log_().add_(torch.relu(h))
+
+
+class Softplus(nn.Module):
+    """:func:`softplus` as a layer."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return softplus(h)
+
+
 ACTIVATIONS = Registry("activation")
 ACTIVATIONS.add("relu", nn.ReLU, "max(0, h)")
-ACTIVATIONS.add("softplus", nn.Softplus, "log(1 + e^h)")
+ACTIVATIONS.add("softplus", Softplus, "log(1 + e^h)")
 ACTIVATIONS.add("tanh", nn.Tanh, "tanh(h) (Burda et al. 2015)")
 ACTIVATIONS.add("elu", nn.ELU, "exponential linear unit")
 ACTIVATIONS.add("gelu", nn.GELU, "Gaussian error linear unit")
@@ -52,7 +77,7 @@ class GaussianHead(nn.Module):
         self.raw_scale = nn.Linear(in_features, z_dim)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(h), F.softplus(self.raw_scale(h))
+        return self.loc(h), softplus(self.raw_scale(h))
 
 
 class MLPEncoder(nn.Module):

@@ -73,12 +73,13 @@ def test_profile_step_jit_smoke():
     assert names == ["reference", "ours, JitTrace_ELBO"]
 
 
-@pytest.mark.parametrize("fast,as_pyro_vae", [(False, False), (True, False), (True, True)])
-def test_the_handwritten_importance_loops_compute_pyro_vaes_bound_on_the_same_noise(fast, as_pyro_vae):
+@pytest.mark.parametrize("fast,as_pyro_vae,exp_log", [(False, False, False), (True, False, False),
+                                                      (True, False, True), (True, True, True)])
+def test_the_handwritten_importance_loops_compute_pyro_vaes_bound_on_the_same_noise(fast, as_pyro_vae, exp_log):
     import torch
 
     sys.path.insert(0, str(REPO / "experiments"))
-    from benchmark import handwritten_log_px
+    from benchmark import exp_log_softplus, handwritten_log_px
 
     from pyro_vae.config import ModelConfig
     from pyro_vae.evaluate import log_px_importance
@@ -89,10 +90,11 @@ def test_the_handwritten_importance_loops_compute_pyro_vaes_bound_on_the_same_no
     x = torch.bernoulli(torch.full((10, 784), 0.2))
     ours = log_px_importance(vae.model, vae.guide, x, num_samples=200, batch_size=5, max_elements=400, seed=4)
     torch.manual_seed(4)
-    theirs = handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, fast=fast, as_pyro_vae=as_pyro_vae)
+    kw = dict(fast=fast, as_pyro_vae=as_pyro_vae, softplus=exp_log_softplus if exp_log else None)
+    theirs = handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, **kw)
     assert torch.allclose(ours, theirs, rtol=0, atol=2e-3)  # float32 sums of 784 pixels, two ways
     torch.manual_seed(5)  # other noise: another value (the comparison above is not vacuous)
-    other = handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, fast=fast, as_pyro_vae=as_pyro_vae)
+    other = handwritten_log_px(vae, x, 200, batch_size=5, rows_per_chunk=400, **kw)
     assert not torch.allclose(ours, other, rtol=0, atol=2e-3)
 
 
