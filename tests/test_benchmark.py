@@ -27,8 +27,10 @@ def test_benchmark_smoke(tmp_path, data_dir):
     assert is_run["num_images"] == 20 and is_run["log_px_is10"]["mean"] < 0
 
 
-def test_reference_loss_is_the_same_estimator():
-    """The hand-written reference computes the same one-sample ELBO as pyro_vae's model/guide."""
+@pytest.mark.parametrize("exp_log", [False, True])
+def test_reference_loss_is_the_same_estimator(exp_log):
+    """The hand-written reference (either softplus) computes the same one-sample ELBO as
+    pyro_vae's model/guide, with the same gradient."""
     import pyro
     import torch
     from pyro import poutine
@@ -40,7 +42,7 @@ def test_reference_loss_is_the_same_estimator():
     from pyro_vae.config import ModelConfig
     from pyro_vae.models import build_model as build_vae
 
-    ref = ReferenceVAE(x_dim=784, z_dim=5, hidden=20).double()
+    ref = ReferenceVAE(x_dim=784, z_dim=5, hidden=20, exp_log=exp_log).double()
     vae = build_vae(ModelConfig(z_dim=5, hidden_dims=(20,)), (1, 28, 28)).double()
     with torch.no_grad():  # copy the reference's weights into pyro_vae's networks
         pairs = [(vae.encoder.body[0][0], ref.enc[0]), (vae.encoder.head.loc, ref.enc_loc),
@@ -55,6 +57,10 @@ def test_reference_loss_is_the_same_estimator():
     torch.manual_seed(3)  # the same noise: Pyro's Normal.rsample draws eps the same way
     loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=70)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    expected.backward()
+    loss.backward()
+    for ours, theirs in pairs:
+        assert torch.allclose(ours.weight.grad, theirs.weight.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_profile_step_smoke():
