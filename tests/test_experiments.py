@@ -84,3 +84,13 @@ def test_distributed_bench_script_smoke(tmp_path, data_dir):
     assert result["train_epoch_ratio"] > 0 and result["evaluate_ratio"] > 0
     assert result["evaluation_one"]["num_images"] == result["evaluation_many"]["num_images"] == 20
     assert "| training loop, s per epoch" in proc.stdout
+
+
+def test_softplus_forms_script_smoke(tmp_path):
+    out = tmp_path / "softplus.json"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "softplus_forms.py"), "--rounds", "1",
+                           "--calls", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 * 7 and all(r["ns_per_element"] > 0 for r in rows)
+    assert {r["case"] for r in rows} >= {"torch softplus", "pyro_vae softplus, forward + backward"}
