@@ -20,7 +20,6 @@ from torch.nn import functional as F
 from .registry import Registry
 
 
-
 def softplus(h: torch.Tensor) -> torch.Tensor:
     """log(1 + e^h), the value of ``torch.nn.functional.softplus`` to float rounding.
 
@@ -28,7 +27,7 @@ def softplus(h: torch.Tensor) -> torch.Tensor:
     ``exp`` and ``log``. torch's CPU softplus goes through ``log1p``, which measured
     7 ns an element on this project's machine against about 1.2 ns for this form
     (docs/performance.md): softplus was 60 % of an importance-sampled evaluation and
-    about a quarter of a training step at batch 128. Without autograd the form runs in
+    about a fifth of a training step at batch 128. Without autograd the form runs in
     place; with autograd it runs out of place, and its gradient is sigmoid(h) to float
     rounding, 1/2 at h = 0 included (which ``max(h, 0)`` in place of (h + |h|) / 2 would
     get wrong). The values agree with torch's within 6e-7 for every float32 input
