@@ -94,3 +94,13 @@ def test_softplus_forms_script_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 * 7 and all(r["ns_per_element"] > 0 for r in rows)
     assert {r["case"] for r in rows} >= {"torch softplus", "pyro_vae softplus, forward + backward"}
+
+
+@pytest.mark.parametrize("torch_softplus", [False, True])
+def test_profile_is_script_smoke(torch_softplus):
+    args = ["--images", "4", "--samples", "40", "--rows", "200"] + (["--torch-softplus"] if torch_softplus else [])
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_is.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aten::addmm" in proc.stdout or "aten::linear" in proc.stdout
+    assert ("aten::softplus" in proc.stdout) == torch_softplus
