@@ -23,6 +23,7 @@ The training loop (:mod:`pyro_vae.train`) then:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -123,7 +124,19 @@ def from_environment(device: torch.device) -> Group | None:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        atexit.register(_leave)
     return Group(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def _leave() -> None:
+    """Tear the process group down before the interpreter does: left to exit, gloo's
+    threads can be destroyed while still joinable, and a rank that has done all of its
+    work then aborts ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; a dead peer's error was reported already
+            pass
 
 
 def device_for(group: Group | None, device: torch.device) -> torch.device:
