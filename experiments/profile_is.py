@@ -2,8 +2,9 @@
 ``log_px_importance`` on the default network (untrained; the time does not depend on
 the weights).
 
-    python experiments/profile_is.py                    # as pyro_vae computes it
-    python experiments/profile_is.py --torch-softplus   # with torch's softplus, as before 2026-12-02
+    python experiments/profile_is.py                      # softplus as pyro_vae chooses on this machine
+    python experiments/profile_is.py --softplus torch     # torch's softplus
+    python experiments/profile_is.py --softplus exp-log   # the exp/log form (pyro_vae.networks.exp_log_softplus)
 
 Prints torch.profiler's table of operators, by time spent in each.
 """
@@ -15,7 +16,6 @@ import sys
 
 import pyro
 import torch
-import torch.nn.functional as F
 from torch.profiler import profile
 
 import pyro_vae.networks
@@ -30,12 +30,14 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--samples", type=int, default=5000)
     p.add_argument("--rows", type=int, default=12, help="operators in the table")
-    p.add_argument("--torch-softplus", action="store_true",
-                   help="replace pyro_vae.networks.softplus by torch's F.softplus everywhere it is used")
+    p.add_argument("--softplus", choices=pyro_vae.networks.SOFTPLUS_FORMS,
+                   help="the CPU softplus of the activation, the guide's scale and the likelihood "
+                        "(default: as pyro_vae chooses on this machine)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as pyro-vae evaluate runs
-    if args.torch_softplus:
-        pyro_vae.networks.softplus = F.softplus  # the activation, the guide's scale and the likelihood look it up here
+    if args.softplus:
+        pyro_vae.networks.set_cpu_softplus_form(args.softplus)
+    print(f"softplus: {pyro_vae.networks.cpu_softplus_form()}")
     torch.manual_seed(0)
     vae = build_model(ModelConfig(), (1, 28, 28))
     x = torch.bernoulli(torch.rand(args.images, 1, 28, 28) * 0.3)

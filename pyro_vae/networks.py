@@ -11,6 +11,8 @@ vectorised particles of an importance-sampled bound ``(K, B, D)``.
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Sequence
 
 import torch
@@ -20,27 +22,96 @@ from torch.nn import functional as F
 from .registry import Registry
 
 
+SOFTPLUS_FORMS = ("torch", "exp-log")
+SOFTPLUS_ENV = "PYRO_VAE_SOFTPLUS"  # "torch", "exp-log" or "auto" (the default): the CPU form
+
+
 def softplus(h: torch.Tensor) -> torch.Tensor:
     """log(1 + e^h), the value of ``torch.nn.functional.softplus`` to float rounding.
 
-    On the CPU, computed as (h + |h|) / 2 + log(1 + e^-|h|) with torch's vectorised
-    ``exp`` and ``log``. torch's CPU softplus goes through ``log1p``, which measured
-    7 ns an element on this project's machine against about 1.2 ns for this form
-    (docs/performance.md): softplus was 60 % of an importance-sampled evaluation and
-    about a fifth of a training step at batch 128. Without autograd the form runs in
-    place; with autograd it runs out of place, and its gradient is sigmoid(h) to float
-    rounding, 1/2 at h = 0 included (which ``max(h, 0)`` in place of (h + |h|) / 2 would
-    get wrong). The values agree with torch's within 6e-7 for every float32 input
-    (``tests/test_networks.py``), except h = -inf with autograd, which gives NaN (torch:
-    0); only a network already overflowing makes it, and training then stops on its
-    non-finite check. On other devices it is torch's own, one kernel.
+    On the CPU, in the form :func:`cpu_softplus_form` chooses for this machine: torch's
+    own, or :func:`exp_log_softplus` where torch's ``log1p`` is slow. On other devices it
+    is torch's own, one kernel.
     """
-    if h.device.type != "cpu":
-        return F.softplus(h)
+    if h.device.type == "cpu" and cpu_softplus_form() == "exp-log":
+        return exp_log_softplus(h)
+    return F.softplus(h)
+
+
+def exp_log_softplus(h: torch.Tensor) -> torch.Tensor:
+    """softplus computed as (h + |h|) / 2 + log(1 + e^-|h|) with torch's ``exp`` and ``log``.
+
+    torch's CPU softplus goes through ``log1p``, whose speed depends on the CPU: on one
+    2-core AMD EPYC this project ran on it took 7 ns an element against about 1.2 ns for
+    this form, on another 0.5 ns (docs/performance.md), so :func:`softplus` uses this form
+    only where ``log1p`` measures slow. Without autograd it runs in place; with autograd
+    out of place, and its gradient is sigmoid(h) to float rounding, 1/2 at h = 0 included
+    (which ``max(h, 0)`` in place of (h + |h|) / 2 would get wrong). The values agree with
+    torch's within 6e-7 for every float32 input (``tests/test_networks.py``), except
+    h = -inf with autograd, which gives NaN (torch: 0); only a network already overflowing
+    makes it, and training then stops on its non-finite check.
+    """
     if h.requires_grad and torch.is_grad_enabled():
         a = h.abs()
         return torch.log(torch.exp(-a) + 1) + torch.add(0.5 * h, a, alpha=0.5)  # halves first: no overflow
     return torch.exp(h.abs().neg_()).add_(1).log_().add_(torch.relu(h))
+
+
+_cpu_form: list[str] = []  # the choice, made once per process
+
+
+def cpu_softplus_form() -> str:
+    """Which softplus :func:`softplus` computes on the CPU: ``"torch"`` or ``"exp-log"``.
+
+    ``$PYRO_VAE_SOFTPLUS`` sets it; unset or ``auto``, it is measured once per process by
+    :func:`log1p_is_slow`. Both forms give the same values to float rounding (6e-7), so
+    the choice moves results by rounding only, as another CPU does.
+    """
+    if not _cpu_form:
+        wanted = os.environ.get(SOFTPLUS_ENV, "auto")
+        if wanted not in (*SOFTPLUS_FORMS, "auto"):
+            raise ValueError(f"${SOFTPLUS_ENV}={wanted!r} is not a softplus form: use one of "
+                             f"{', '.join(SOFTPLUS_FORMS)} or auto (measure which is faster), or unset it")
+        _cpu_form.append(wanted if wanted != "auto" else "exp-log" if log1p_is_slow() else "torch")
+    return _cpu_form[0]
+
+
+def set_cpu_softplus_form(form: str | None) -> None:
+    """Make :func:`softplus` compute ``form`` on the CPU from now on (``None``: choose
+    again, from ``$PYRO_VAE_SOFTPLUS`` or by measuring). A loss recorded by the captured
+    engine keeps the form it was recorded with."""
+    if form is not None and form not in SOFTPLUS_FORMS:
+        raise ValueError(f"unknown softplus form {form!r}: use one of {', '.join(SOFTPLUS_FORMS)}")
+    _cpu_form.clear()
+    if form is not None:
+        _cpu_form.append(form)
+
+
+def log1p_is_slow(elements: int = 1 << 14, repeats: int = 9) -> bool:
+    """Whether torch's CPU ``log1p`` takes more than twice as long as ``exp`` and ``log``
+    together, by the fastest of ``repeats`` interleaved timings of each on ``elements``
+    values (after one untimed call of each: the first call of an operator pays its setup).
+
+    Where it is slow it is several times slower (7 ns an element against 1.2 on one
+    machine), where it is not about as fast as ``exp`` alone, so the factor 2 is far from
+    both and the answer does not flip with the machine's load. About a millisecond,
+    outside any recording (``torch.fx`` tracing included). ``elements`` stays below
+    torch's parallel grain: one thread, as the ratio of per-element costs needs.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.no_grad():
+        h = torch.linspace(-20.0, 20.0, elements)
+        positive = h.abs().add_(0.5)
+        cases = {"log1p": (torch.log1p, positive), "exp": (torch.exp, h), "log": (torch.log, positive)}
+        best = dict.fromkeys(cases, math.inf)
+        for round_ in range(repeats + 1):
+            for name, (op, x) in cases.items():
+                start = time.perf_counter()
+                op(x)
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best["log1p"] > 2 * (best["exp"] + best["log"])
 
 
 class Softplus(nn.Module):

@@ -93,14 +93,23 @@ def test_softplus_forms_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 * 7 and all(r["ns_per_element"] > 0 for r in rows)
-    assert {r["case"] for r in rows} >= {"torch softplus", "pyro_vae softplus, forward + backward"}
+    assert {r["case"] for r in rows} >= {"torch softplus", "exp/log form, forward + backward"}
+    assert json.loads(out.read_text())["pyro_vae_form"] in ("torch", "exp-log")
 
 
-@pytest.mark.parametrize("torch_softplus", [False, True])
-def test_profile_is_script_smoke(torch_softplus):
-    args = ["--images", "4", "--samples", "40", "--rows", "200"] + (["--torch-softplus"] if torch_softplus else [])
+def test_softplus_step_script_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "softplus_step.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    assert len(row) == 1 and all(float(cell) > 0 for cell in row[0].strip("| ").split(" | ")[1:])
+
+
+@pytest.mark.parametrize("form", ["torch", "exp-log"])
+def test_profile_is_script_smoke(form):
+    args = ["--images", "4", "--samples", "40", "--rows", "200", "--softplus", form]
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_is.py"), *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout or "aten::linear" in proc.stdout
-    assert ("aten::softplus" in proc.stdout) == torch_softplus
+    assert ("aten::softplus" in proc.stdout) == (form == "torch")
