@@ -86,7 +86,12 @@ def train_row(row: str, run_dir: Path, args) -> None:
     else:
         argv = train_argv(row, run_dir, args)
     print("$ pyro-vae " + shlex.join(argv), flush=True)
-    if pyro_vae(argv + ["--no-progress"]) != 0:
+    code = pyro_vae(argv + ["--no-progress"])
+    if code > 128:  # stopped by a signal, after saving the step it had reached
+        print(f"row {row}: stopped; its checkpoint in {run_dir} holds the step reached: run the same "
+              "command again to resume it", file=sys.stderr)
+        sys.exit(code)
+    if code != 0:
         sys.exit(f"row {row}: pyro-vae train failed")
 
 
