@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import config as configuration
+from . import networks
 from .config import SECTIONS, RunConfig, choices_of, registry_of
 from .train import TrainingInterrupted
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        networks.softplus_setting()  # a mistyped $PYRO_VAE_SOFTPLUS stops here, before any work
         return args.func(args) or 0
     except TrainingInterrupted as stop:
         print(f"pyro-vae: {stop}", file=sys.stderr)

@@ -68,12 +68,19 @@ def cpu_softplus_form() -> str:
     the choice moves results by rounding only, as another CPU does.
     """
     if not _cpu_form:
-        wanted = os.environ.get(SOFTPLUS_ENV, "auto")
-        if wanted not in (*SOFTPLUS_FORMS, "auto"):
-            raise ValueError(f"${SOFTPLUS_ENV}={wanted!r} is not a softplus form: use one of "
-                             f"{', '.join(SOFTPLUS_FORMS)} or auto (measure which is faster), or unset it")
+        wanted = softplus_setting()
         _cpu_form.append(wanted if wanted != "auto" else "exp-log" if log1p_is_slow() else "torch")
     return _cpu_form[0]
+
+
+def softplus_setting() -> str:
+    """``$PYRO_VAE_SOFTPLUS`` (``auto`` when unset), refused with a ``ValueError`` that
+    says what to set if it is not a form (the command line checks it before any work)."""
+    wanted = os.environ.get(SOFTPLUS_ENV, "auto")
+    if wanted not in (*SOFTPLUS_FORMS, "auto"):
+        raise ValueError(f"${SOFTPLUS_ENV}={wanted!r} is not a softplus form: use one of "
+                         f"{', '.join(SOFTPLUS_FORMS)} or auto (measure which is faster), or unset it")
+    return wanted
 
 
 def set_cpu_softplus_form(form: str | None) -> None:

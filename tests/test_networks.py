@@ -108,3 +108,14 @@ def test_the_choice_is_made_outside_a_recording(form, monkeypatch):
     assert networks.cpu_softplus_form() in networks.SOFTPLUS_FORMS
     targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert not targets & {"aten.linspace.default", "aten.log1p.default"}
+
+
+def test_the_command_line_refuses_a_wrong_form_before_any_work(monkeypatch, tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    monkeypatch.setenv(networks.SOFTPLUS_ENV, "fast")
+    assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: $PYRO_VAE_SOFTPLUS='fast' is not a softplus form: use one of torch, "
+                          "exp-log or auto") and "Trace Shapes" not in err
+    assert not (tmp_path / "run").exists()
