@@ -55,6 +55,10 @@ SMOKE_ARCHITECTURE = {
 }
 SMOKE = ["--train-limit", "300", "--test-limit", "100"]
 RESULT = "iwae-table.json"
+PER_IMAGE = "iwae-table-log-px.pt"  # each test image's log p(x), float64, in the test set's order
+# pairs of rows whose difference the paper's findings are about: (better, worse)
+PAIRS = [("1-iwae-50", "1-iwae-5"), ("2-iwae-50", "2-iwae-5"), ("1-iwae-5", "1-vae-5"), ("2-iwae-5", "2-vae-5"),
+         ("1-iwae-50", "1-vae-50"), ("2-iwae-50", "2-vae-50"), ("2-vae-1", "1-vae-1")]
 
 
 def parse_row(name: str) -> tuple[int, str, int]:
@@ -109,6 +113,7 @@ def evaluate_row(row: str, run_dir: Path, args) -> dict:
     with torch.no_grad():
         log_px = log_px_importance(run.program.model, run.program.guide, images, args.eval_samples, seed=0)
     eval_seconds = time.perf_counter() - t0
+    torch.save(log_px.detach().double().cpu(), run_dir / PER_IMAGE)
     activity = latent_activity(run.program.model, run.program.guide, images)
     metrics = read_metrics(run_dir)
     estimate = Estimate.of(log_px)
@@ -146,6 +151,21 @@ def table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(root: Path) -> str:
+    """NLL differences of the rows in PAIRS that kept their per-image values, with the
+    standard error of the paired differences (the rows score the same test images, so it
+    is smaller than either row's own)."""
+    lines = []
+    for better, worse in PAIRS:
+        paths = [root / row / PER_IMAGE for row in (better, worse)]
+        if all(path.exists() for path in paths):
+            a, b = (torch.load(path) for path in paths)
+            d = Estimate.of(a - b)  # log p(x) of ``better`` minus that of ``worse``: its NLL is lower by this
+            lines.append(f"- NLL of {worse} minus NLL of {better}: {d.mean:.2f} +- {d.stderr:.2f} nats "
+                         f"(paired over {d.n} test images)")
+    return "\n".join(lines)
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -179,6 +199,9 @@ def main(argv=None) -> int:
                   f"{result['num_samples']}, {result['num_test_images']} images), active units "
                   f"{result['active_units']}", flush=True)
     text = table(args.runs)
+    pairs = paired_differences(args.runs)
+    if pairs:
+        text += "\n\n" + pairs
     (args.runs / "table.md").write_text(text + "\n")
     print(text)
     return 0

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +62,12 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     one, two = (json.loads((runs / row / "iwae-table.json").read_text()) for row in ("1-vae-1", "2-iwae-5"))
     assert one["units"] == {"z": 5} and two["units"] == {"z1": 8, "z2": 4}
     assert two["config"]["train"]["estimator"] == "iwae" and two["config"]["train"]["num_particles"] == 5
-    for r in (one, two):
+    for row, r in (("1-vae-1", one), ("2-iwae-5", two)):
         assert r["num_samples"] == 10 and r["num_test_images"] == 100 and r["epochs"] == 1
         assert 0 < r["nll"] < 784 * 0.7 and r["nll_stderr"] > 0  # below a coin per pixel
+        per_image = torch.load(runs / row / "iwae-table-log-px.pt")  # kept for paired comparisons of rows
+        assert per_image.shape == (100,) and per_image.dtype == torch.float64
+        assert abs(-float(per_image.mean()) - r["nll"]) < 1e-9
     table = (runs / "table.md").read_text()
     assert table.count("\n") == 12 and table.count("not yet") == 8
     # a second call trains nothing (both rows are finished and evaluated) and prints the same table
@@ -113,3 +117,17 @@ def test_profile_is_script_smoke(form):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout or "aten::linear" in proc.stdout
     assert ("aten::softplus" in proc.stdout) == (form == "torch")
+
+
+def test_iwae_table_pairs_rows_by_test_image(tmp_path):
+    """The difference of two rows' NLL with the standard error of the per-image differences."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from iwae_table import PER_IMAGE, paired_differences
+
+    for row, values in [("1-iwae-50", [-80.0, -90.0, -100.0, -110.0]), ("1-vae-50", [-81.0, -92.0, -100.5, -111.5]),
+                        ("2-iwae-50", [-70.0, -80.0, -90.0, -100.0])]:  # 2-vae-50 missing: its pair is left out
+        (tmp_path / row).mkdir()
+        torch.save(torch.tensor(values, dtype=torch.float64), tmp_path / row / PER_IMAGE)
+    # differences 1, 2, 0.5, 1.5: mean 1.25, sample std sqrt(0.41667) = 0.6455, s.e. 0.3227
+    assert paired_differences(tmp_path) == ("- NLL of 1-vae-50 minus NLL of 1-iwae-50: 1.25 +- 0.32 nats "
+                                            "(paired over 4 test images)")
