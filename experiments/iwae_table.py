@@ -4,6 +4,7 @@
     python experiments/iwae_table.py --runs ~/iwae-table --rows 1-vae-1 1-iwae-5   # some rows only
     python experiments/iwae_table.py --runs ~/iwae-table --table-only             # the table of what is done
     python experiments/iwae_table.py --smoke --runs /tmp/iwae-smoke                # end to end in a minute
+    python experiments/iwae_table.py --runs ~/iwae-table --archive experiments/iwae-table-runs   # to commit
 
 Rows: 1 and 2 stochastic layers x {VAE, IWAE} x k in {1, 5, 50} on dynamically binarised
 MNIST (k = 1 is the same run for both: the IWAE bound at K = 1 is the ELBO). Each row is a
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -166,6 +168,29 @@ def paired_differences(root: Path) -> str:
     return "\n".join(lines)
 
 
+def archive(root: Path, into: Path) -> list[str]:
+    """Copy what each row's run folder under ``root`` needs to be resumed or tabled into
+    ``into/ROW``: its settings, versions and metrics, its result and per-image values once
+    evaluated, and its checkpoint while it is unfinished (a finished row's table entry does
+    not need its weights). For machines that do not outlive a session: the copies are
+    committed, and copied back into a runs folder to resume. Returns the rows copied."""
+    copied = []
+    for row in ROWS:
+        source = root / row
+        if not (source / "checkpoint.pt").exists():
+            continue
+        names = ["config.json", "versions.json", "metrics.jsonl"]
+        names += [RESULT, PER_IMAGE] if (source / RESULT).exists() else ["checkpoint.pt"]
+        target = into / row
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in names:
+            if (source / name).exists():
+                shutil.copy2(source / name, target / name)
+        copied.append(row)
+    return copied
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -185,11 +210,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="data folder (default $PYRO_VAE_DATA)")
     parser.add_argument("--table-only", action="store_true", help="print the table of the rows already evaluated")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, 300 images, 1 epoch, K = 10")
+    parser.add_argument("--archive", type=Path, metavar="DIR",
+                        help="copy the rows' run folders (checkpoints of unfinished rows only) into DIR/ROW and exit")
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (1 if args.smoke else 100)
     args.eval_samples = args.eval_samples or (10 if args.smoke else 5000)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.archive:
+        print(f"copied into {args.archive}: {' '.join(archive(args.runs, args.archive)) or 'no row'}")
+        return 0
     if not args.table_only:
         for row in args.rows:
             run_dir = args.runs / row

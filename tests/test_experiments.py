@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,23 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     again = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "$ pyro-vae train" not in again.stdout and table.strip() in again.stdout
+    # the archive to commit: a finished row without its weights, an unfinished one with its checkpoint
+    (runs / "1-vae-1" / "iwae-table.json").rename(runs / "1-vae-1" / "later.json")  # as if not yet evaluated
+    done = subprocess.run(command + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "copied into" in done.stdout and "1-vae-1 2-iwae-5" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "kept" / "1-vae-1").iterdir()) == [
+        "checkpoint.pt", "config.json", "metrics.jsonl", "versions.json"]
+    assert sorted(p.name for p in (tmp_path / "kept" / "2-iwae-5").iterdir()) == [
+        "config.json", "iwae-table-log-px.pt", "iwae-table.json", "metrics.jsonl", "versions.json"]
+    # copied back into another runs folder (a new machine), the unfinished row resumes there
+    moved = tmp_path / "new-machine"
+    shutil.copytree(tmp_path / "kept", moved)
+    more = subprocess.run([*command[:-1], str(moved), "--rows", "1-vae-1", "--epochs", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming" in more.stderr + more.stdout and "after epoch 1" in more.stderr + more.stdout
+    assert [m["epoch"] for m in map(json.loads, (moved / "1-vae-1" / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
 @pytest.mark.slow
