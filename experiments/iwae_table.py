@@ -217,6 +217,9 @@ def main(argv=None) -> int:
     args.eval_samples = args.eval_samples or (10 if args.smoke else 5000)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.archive or args.table_only) and not args.runs.is_dir():
+        parser.error(f"--runs {args.runs} is not a folder: give the folder that holds the rows' runs "
+                     "(each in a folder named after its row, e.g. 1-vae-1)")
     if args.archive:
         print(f"copied into {args.archive}: {' '.join(archive(args.runs, args.archive)) or 'no row'}")
         return 0

@@ -149,3 +149,12 @@ def test_iwae_table_pairs_rows_by_test_image(tmp_path):
     # differences 1, 2, 0.5, 1.5: mean 1.25, sample std sqrt(0.41667) = 0.6455, s.e. 0.3227
     assert paired_differences(tmp_path) == ("- NLL of 1-vae-50 minus NLL of 1-iwae-50: 1.25 +- 0.32 nats "
                                             "(paired over 4 test images)")
+
+
+@pytest.mark.parametrize("mode", [["--table-only"], ["--archive", "kept"]])
+def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs",
+                           str(tmp_path / "typo"), *mode], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--runs {tmp_path / 'typo'} is not a folder: give the folder that holds the rows' runs" in proc.stderr
+    assert not (tmp_path / "kept").exists()
