@@ -158,3 +158,42 @@ def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"--runs {tmp_path / 'typo'} is not a folder: give the folder that holds the rows' runs" in proc.stderr
     assert not (tmp_path / "kept").exists()
+
+
+def _fake_run(folder, test_elbos, evaluated=None):
+    """A run folder with per-epoch metrics, and, when ``evaluated`` = (nll, s.e.), its table result."""
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"epoch": e + 1, "test_elbo": v, "seconds": 1.0}) for e, v in enumerate(test_elbos)]
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    if evaluated is not None:
+        result = {"epochs": len(test_elbos), "nll": evaluated[0], "nll_stderr": evaluated[1], "num_samples": 5000,
+                  "config": {"train": {"lr": 1e-3}}}
+        (folder / "iwae-table.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
+    elbos = [-120.0 + 2 * e for e in range(13)]
+    run = _fake_run(tmp_path / "run", elbos)
+    at4 = _fake_run(tmp_path / "at4", elbos[:4], evaluated=(100.5, 0.3))
+    at13 = _fake_run(tmp_path / "at13", elbos, evaluated=(93.0, 0.2))
+    other = _fake_run(tmp_path / "other", [v - 0.5 for v in elbos[:4]], evaluated=(99.0, 0.3))  # another run
+    script = [sys.executable, str(REPO / "experiments" / "schedule_curve.py"), str(run)]
+    out = tmp_path / "curve.png"
+    proc = subprocess.run(script + ["--evaluated", str(at13), str(at4), "--paper", "90", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from schedule_curve import curve_points
+
+    metrics, results = curve_points(run, [at13, at4])
+    assert [m["epoch"] for m in metrics] == list(range(1, 14)) and [r["epochs"] for r in results] == [4, 13]
+    bad = subprocess.run(script + ["--evaluated", str(other), "--out", str(tmp_path / "bad.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
+    assert f"{other} is not a copy of {run} at epoch 4" in bad.stderr
+    unevaluated = subprocess.run(script + ["--evaluated", str(run), "--out", str(tmp_path / "bad.png")],
+                                 capture_output=True, text=True, timeout=300)
+    assert unevaluated.returncode == 2 and "has no iwae-table.json: evaluate the snapshot first" in unevaluated.stderr
