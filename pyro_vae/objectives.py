@@ -103,13 +103,19 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     form where torch registers it for the pair (a Monte Carlo term otherwise).
     """
 
-    def _elbo_particle(self, model_trace, guide_trace):
+    def _get_trace(self, model, guide, args, kwargs):
+        # Trace_ELBO's traces, refused here before Pyro's mean-field check would warn about
+        # the order of the sites: with one latent site there is no order to check.
+        model_trace, guide_trace = Trace_ELBO._get_trace(self, model, guide, args, kwargs)
         latents = [site["name"] for site in sample_sites(guide_trace)]
         if len(latents) > 1:
             raise EstimatorNotApplicable(
                 f"estimator 'meanfield' computes each latent site's KL in closed form, which is the ELBO's term only "
                 f"when p and q of the site depend on no other latent; this program has latent sites {latents} "
                 "(a hierarchy such as z2 -> z1 -> x breaks that): use --estimator trace, iwae or iwae-dreg")
+        return model_trace, guide_trace
+
+    def _elbo_particle(self, model_trace, guide_trace):
         terms = []
         for site in sample_sites(model_trace):
             if site["is_observed"]:
