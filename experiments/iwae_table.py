@@ -5,6 +5,7 @@
     python experiments/iwae_table.py --runs ~/iwae-table --table-only             # the table of what is done
     python experiments/iwae_table.py --smoke --runs /tmp/iwae-smoke                # end to end in a minute
     python experiments/iwae_table.py --runs ~/iwae-table --archive experiments/iwae-table-runs   # to commit
+    python experiments/iwae_table.py --runs ~/iwae-full --epochs 3280 --evaluate-at 121 364 1093 --rows 1-vae-1
 
 Rows: 1 and 2 stochastic layers x {VAE, IWAE} x k in {1, 5, 50} on dynamically binarised
 MNIST (k = 1 is the same run for both: the IWAE bound at K = 1 is the ELBO). Each row is a
@@ -14,6 +15,11 @@ skipped, so the table can be built in pieces across sessions. Each finished row 
 evaluated once: test log p(x) by K = 5000 importance samples over all 10,000 test images
 (mean +- standard error, in nats) and the active units of each latent layer
 (Var_x E_q[u|x] > 0.01), written to ``RUN/iwae-table.json``.
+
+``--evaluate-at E...`` evaluates a long row on the way as well: the row trains to epoch E,
+stops there, its run folder is copied to ``RUNS/at-E/ROW`` and the copy is evaluated like
+a finished row (``--table-only --runs RUNS/at-E`` tables it), then training goes on. The
+learning rate depends on the epoch alone, so stopping changes nothing in the training.
 
 The architectures are Burda et al.'s: one layer 784-200-200-50 (tanh); two layers
 784-200-200-100 and 100-100-100-50 (tanh); output bias started at the training set's mean.
@@ -82,15 +88,22 @@ def train_argv(row: str, run_dir: Path, args) -> list[str]:
     return argv
 
 
-def train_row(row: str, run_dir: Path, args) -> None:
-    """Train the row, resuming its run when it has a checkpoint; nothing to do once finished."""
+def epochs_done(run_dir: Path) -> int:
     metrics = read_metrics(run_dir) if (run_dir / "checkpoint.pt").exists() else []
-    if metrics and metrics[-1]["epoch"] >= args.epochs:
+    return metrics[-1]["epoch"] if metrics else 0
+
+
+def train_row(row: str, run_dir: Path, args, until: int | None = None) -> None:
+    """Train the row to epoch ``until`` (default: all its epochs), resuming its run when it
+    has a checkpoint; nothing to do once there."""
+    until = until or args.epochs
+    if epochs_done(run_dir) >= until:
         return
     if (run_dir / "checkpoint.pt").exists():
-        argv = ["train", "--resume", str(run_dir), "--epochs", str(args.epochs)]
+        argv = ["train", "--resume", str(run_dir), "--epochs", str(until)]
     else:
         argv = train_argv(row, run_dir, args)
+        argv[argv.index("--epochs") + 1] = str(until)
     print("$ pyro-vae " + shlex.join(argv), flush=True)
     code = pyro_vae(argv + ["--no-progress"])
     if code > 128:  # stopped by a signal, after saving the step it had reached
@@ -131,6 +144,38 @@ def evaluate_row(row: str, run_dir: Path, args) -> dict:
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def snapshot(row: str, run_dir: Path, epoch: int, args) -> Path | None:
+    """The row's run as it was after ``epoch``, evaluated, in ``RUNS/at-EPOCH/ROW``: trained to
+    that epoch first if it is not there yet. None (and a note) for a run already past it,
+    since its state at that epoch is gone."""
+    target = args.runs / f"at-{epoch}" / row
+    if (target / RESULT).exists():
+        return target
+    if not (target / "checkpoint.pt").exists():
+        if epochs_done(run_dir) > epoch:
+            print(f"row {row}: past epoch {epoch} already ({epochs_done(run_dir)} trained) and no copy of it in "
+                  f"{target}; it cannot be evaluated there any more", file=sys.stderr, flush=True)
+            return None
+        train_row(row, run_dir, args, until=epoch)
+        partial = target.with_name(row + ".partial")  # a copy cut short is never taken for a whole one
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns(".lock", RESULT, PER_IMAGE))
+        partial.rename(target)
+    evaluate_row(row, target, args)
+    return target
+
+
+def snapshot_lines(root: Path) -> str:
+    """One line per evaluated copy under ``root/at-E``: the row's NLL after epoch E."""
+    lines = []
+    found = [path for path in root.glob(f"at-*/*/{RESULT}") if path.parents[1].name[3:].isdigit()]
+    for path in sorted(found, key=lambda path: (path.parent.name, int(path.parents[1].name[3:]))):
+        r = json.loads(path.read_text())
+        lines.append(f"- {r['row']} after epoch {r['epochs']} (in {path.parents[1].name}/): NLL {r['nll']:.2f} +- "
+                     f"{r['nll_stderr']:.2f} nats, active units {r['active_units']}")
+    return "\n".join(lines)
 
 
 def table(root: Path) -> str:
@@ -188,6 +233,9 @@ def archive(root: Path, into: Path) -> list[str]:
             if (source / name).exists():
                 shutil.copy2(source / name, target / name)
         copied.append(row)
+    for stage in sorted(root.glob("at-*")):  # evaluated copies of long rows (--evaluate-at)
+        if stage.is_dir():
+            copied += [f"{stage.name}/{row}" for row in archive(stage, into / stage.name)]
     return copied
 
 
@@ -208,6 +256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", help="data folder (default $PYRO_VAE_DATA)")
+    parser.add_argument("--evaluate-at", type=int, nargs="+", default=[], metavar="EPOCH",
+                        help="also evaluate each row after these epochs (e.g. the ends of the schedule's stages: "
+                        "121 364 1093), in a copy RUNS/at-EPOCH/ROW")
     parser.add_argument("--table-only", action="store_true", help="print the table of the rows already evaluated")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, 300 images, 1 epoch, K = 10")
     parser.add_argument("--archive", type=Path, metavar="DIR",
@@ -217,6 +268,10 @@ def main(argv=None) -> int:
     args.eval_samples = args.eval_samples or (10 if args.smoke else 5000)
     if args.threads:
         torch.set_num_threads(args.threads)
+    wrong = [e for e in args.evaluate_at if not 0 < e < args.epochs]
+    if wrong:
+        parser.error(f"--evaluate-at {' '.join(map(str, wrong))}: each epoch must lie between 1 and --epochs - 1 "
+                     f"({args.epochs - 1}); the end of training is evaluated anyway")
     if (args.archive or args.table_only) and not args.runs.is_dir():
         parser.error(f"--runs {args.runs} is not a folder: give the folder that holds the rows' runs "
                      "(each in a folder named after its row, e.g. 1-vae-1)")
@@ -226,15 +281,21 @@ def main(argv=None) -> int:
     if not args.table_only:
         for row in args.rows:
             run_dir = args.runs / row
+            for epoch in sorted(set(args.evaluate_at)):
+                copy = snapshot(row, run_dir, epoch, args)
+                if copy is not None:
+                    r = json.loads((copy / RESULT).read_text())
+                    print(f"{row} after epoch {epoch}: test NLL {r['nll']:.2f} +- {r['nll_stderr']:.2f} nats",
+                          flush=True)
             train_row(row, run_dir, args)
             result = evaluate_row(row, run_dir, args)
             print(f"{row}: test NLL {result['nll']:.2f} +- {result['nll_stderr']:.2f} nats (K = "
                   f"{result['num_samples']}, {result['num_test_images']} images), active units "
                   f"{result['active_units']}", flush=True)
     text = table(args.runs)
-    pairs = paired_differences(args.runs)
-    if pairs:
-        text += "\n\n" + pairs
+    for extra in (paired_differences(args.runs), snapshot_lines(args.runs)):
+        if extra:
+            text += "\n\n" + extra
     (args.runs / "table.md").write_text(text + "\n")
     print(text)
     return 0

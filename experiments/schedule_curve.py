@@ -1,10 +1,11 @@
 """One long run on Burda et al.'s learning-rate schedule, drawn epoch by epoch.
 
-    python experiments/schedule_curve.py RUN --evaluated SNAPSHOT... --paper 86.76 --out curve.png
+    python experiments/schedule_curve.py ~/iwae-full/1-vae-1 --evaluated ~/iwae-full/at-*/1-vae-1 \
+        --paper 86.76 --out curve.png
 
-``RUN`` is the run folder (its ``metrics.jsonl``); each ``SNAPSHOT`` is a copy of it taken
-at the end of a stage and evaluated by ``experiments/iwae_table.py`` (its
-``iwae-table.json``). The figure shows, in nats per test image on a log epoch axis: the
+The first argument is the run folder (its ``metrics.jsonl``); each ``--evaluated`` folder
+is a copy of it taken at the end of a stage and evaluated by
+``experiments/iwae_table.py --evaluate-at`` (its ``iwae-table.json``). The figure shows, in nats per test image on a log epoch axis: the
 one-sample bound -ELBO on the test set after every epoch, the NLL by K importance
 samples of each evaluated snapshot, the paper's NLL and the issue's target above it, and
 the schedule's stages with their learning rates. The bound and the estimate are both

@@ -197,3 +197,48 @@ def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
     unevaluated = subprocess.run(script + ["--evaluated", str(run), "--out", str(tmp_path / "bad.png")],
                                  capture_output=True, text=True, timeout=300)
     assert unevaluated.returncode == 2 and "has no iwae-table.json: evaluate the snapshot first" in unevaluated.stderr
+
+
+def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
+    """--evaluate-at: the row stops at the epoch, a copy of it is evaluated, training goes on
+    from there as if it had not stopped; the copy is tabled and archived with its row."""
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--smoke", "--runs", str(runs),
+               "--rows", "1-vae-1", "--epochs", "3"]
+    proc = subprocess.run(command + ["--evaluate-at", "2", "1"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run = [json.loads(line) for line in (runs / "1-vae-1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in run] == [1, 2, 3]
+    for epoch in (1, 2):
+        copy = runs / f"at-{epoch}" / "1-vae-1"
+        result = json.loads((copy / "iwae-table.json").read_text())
+        assert result["epochs"] == epoch and result["num_test_images"] == 100
+        assert [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()] == run[:epoch]
+        assert f"1-vae-1 after epoch {epoch}: test NLL {result['nll']:.2f}" in proc.stdout
+    assert not list(runs.glob("at-*/*.partial"))
+    # one run trained straight to 3 epochs: the same numbers (stopping at 1 and 2 changed nothing)
+    straight = tmp_path / "straight"
+    again = subprocess.run([*command[:4], str(straight), *command[5:]], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line)["test_elbo"] for line in (straight / "1-vae-1" / "metrics.jsonl").read_text().splitlines()] \
+        == [m["test_elbo"] for m in run]
+    # the table lists the copies; the archive keeps them (evaluated: without weights)
+    table = subprocess.run(command[:5] + ["--table-only"], env=env, capture_output=True, text=True, timeout=300)
+    assert "- 1-vae-1 after epoch 1 (in at-1/): NLL" in table.stdout
+    assert table.stdout.index("after epoch 1 (in at-1/)") < table.stdout.index("after epoch 2 (in at-2/)")
+    kept = subprocess.run(command[:5] + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "1-vae-1 at-1/1-vae-1 at-2/1-vae-1" in kept.stdout
+    assert not (tmp_path / "kept" / "at-1" / "1-vae-1" / "checkpoint.pt").exists()
+    # an epoch the run has passed cannot be copied any more: said, not silently skipped
+    shutil.rmtree(runs / "at-1")
+    late = subprocess.run(command + ["--evaluate-at", "1", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert late.returncode == 0 and "$ pyro-vae train" not in late.stdout  # at-2 is there, the row is finished
+    assert "row 1-vae-1: past epoch 1 already (3 trained) and no copy of it" in late.stderr
+    assert not (runs / "at-1" / "1-vae-1").exists()
+    wrong = subprocess.run(command + ["--evaluate-at", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--evaluate-at 3: each epoch must lie between 1 and --epochs - 1" in wrong.stderr
