@@ -168,13 +168,21 @@ def snapshot(row: str, run_dir: Path, epoch: int, args) -> Path | None:
 
 
 def snapshot_lines(root: Path) -> str:
-    """One line per evaluated copy under ``root/at-E``: the row's NLL after epoch E."""
+    """One line per evaluated copy under ``root/at-E``: the row's NLL after epoch E, and how
+    much lower it is than at the row's previous copy, paired over the test images."""
     lines = []
-    found = [path for path in root.glob(f"at-*/*/{RESULT}") if path.parents[1].name[3:].isdigit()]
-    for path in sorted(found, key=lambda path: (path.parent.name, int(path.parents[1].name[3:]))):
-        r = json.loads(path.read_text())
-        lines.append(f"- {r['row']} after epoch {r['epochs']} (in {path.parents[1].name}/): NLL {r['nll']:.2f} +- "
-                     f"{r['nll_stderr']:.2f} nats, active units {r['active_units']}")
+    found = [path.parent for path in root.glob(f"at-*/*/{RESULT}") if path.parents[1].name[3:].isdigit()]
+    earlier = {}  # row -> its previous copy
+    for copy in sorted(found, key=lambda copy: (copy.name, int(copy.parent.name[3:]))):
+        r = json.loads((copy / RESULT).read_text())
+        line = (f"- {r['row']} after epoch {r['epochs']} (in {copy.parent.name}/): NLL {r['nll']:.2f} +- "
+                f"{r['nll_stderr']:.2f} nats, active units {r['active_units']}")
+        before = earlier.get(copy.name)
+        if before is not None and (before / PER_IMAGE).exists() and (copy / PER_IMAGE).exists():
+            d = Estimate.of(torch.load(copy / PER_IMAGE) - torch.load(before / PER_IMAGE))
+            line += f"; {d.mean:.2f} +- {d.stderr:.2f} lower than in {before.parent.name}/ (paired)"
+        earlier[copy.name] = copy
+        lines.append(line)
     return "\n".join(lines)
 
 

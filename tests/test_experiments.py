@@ -151,6 +151,27 @@ def test_iwae_table_pairs_rows_by_test_image(tmp_path):
                                             "(paired over 4 test images)")
 
 
+def test_iwae_table_lists_the_copies_of_a_long_row_with_their_paired_gains(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    from iwae_table import PER_IMAGE, RESULT, snapshot_lines
+
+    for epoch, values, nll in [(13, [-100.0, -90.0, -80.0], 90.0), (4, [-102.0, -91.0, -82.5], 91.83),
+                               (121, [-99.0, -88.5, -79.0], 88.83)]:
+        copy = tmp_path / f"at-{epoch}" / "1-vae-1"
+        copy.mkdir(parents=True)
+        (copy / RESULT).write_text(json.dumps({"row": "1-vae-1", "epochs": epoch, "nll": nll, "nll_stderr": 5.77,
+                                               "active_units": {"z": 3}}))
+        torch.save(torch.tensor(values, dtype=torch.float64), copy / PER_IMAGE)
+    # 13 against 4: gains 2, 1, 2.5, mean 1.833, s.e. sqrt(0.58333 / 3) = 0.441;
+    # 121 against 13: gains 1, 1.5, 1, mean 1.167, s.e. sqrt(0.08333 / 3) = 0.167
+    assert snapshot_lines(tmp_path).splitlines() == [
+        "- 1-vae-1 after epoch 4 (in at-4/): NLL 91.83 +- 5.77 nats, active units {'z': 3}",
+        "- 1-vae-1 after epoch 13 (in at-13/): NLL 90.00 +- 5.77 nats, active units {'z': 3}; "
+        "1.83 +- 0.44 lower than in at-4/ (paired)",
+        "- 1-vae-1 after epoch 121 (in at-121/): NLL 88.83 +- 5.77 nats, active units {'z': 3}; "
+        "1.17 +- 0.17 lower than in at-13/ (paired)"]
+
+
 @pytest.mark.parametrize("mode", [["--table-only"], ["--archive", "kept"]])
 def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs",
