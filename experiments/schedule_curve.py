@@ -70,8 +70,8 @@ def draw(metrics: list[dict], results: list[dict], path: Path, *, paper: float |
                     yerr=[2 * r["nll_stderr"] for r in results], fmt="o", color="tab:blue", capsize=4, ms=6,
                     label=f"NLL by K = {results[0]['num_samples']} importance samples (+- 2 s.e.)")
         for r in results:
-            ax.annotate(f"{r['nll']:.2f}", (r["epochs"], r["nll"]), textcoords="offset points", xytext=(-8, 6),
-                        ha="right", color="tab:blue", fontsize=9)
+            ax.annotate(f"{r['nll']:.2f}", (r["epochs"], r["nll"]), textcoords="offset points", xytext=(-9, 0),
+                        ha="right", va="center", color="tab:blue", fontsize=9)
     if paper is not None:
         ax.axhline(paper, color="0.2", ls="--", lw=1, label=f"paper (3,280 epochs): {paper:.2f}")
         ax.axhline(paper + margin, color="tab:red", ls=":", lw=1.2, label=f"target: within {margin} nats of it")
