@@ -14,6 +14,7 @@ estimates the per-image negative ELBO of the whole training set.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -281,6 +282,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             except OSError as err:
                 raise RunDirError(f"cannot write the new run's files into {run_dir}: {err.strerror or err}; "
                                   "free space or choose another --out") from err
+        if state is not None and leader:
+            _record_epochs(run_dir, config)
         saved = state["position"] if state is not None else None  # what the last good checkpoint holds
 
         def save_checkpoint(position):
@@ -482,6 +485,25 @@ def _stored_run(config: RunConfig | None, run_dir: Path):
             )
         stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
     return stored, state
+
+
+def _record_epochs(run_dir: Path, config: RunConfig) -> None:
+    """Keep config.json saying how many epochs the run now trains for, when a resume changed them.
+
+    The checkpoint's copy of the configuration is the one a resume reads; config.json is
+    the one people read, and should not say 121 epochs of a run that trains for 3,280."""
+    path = run_dir / CONFIG_NAME
+    try:
+        current = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        current = None  # unreadable: rewritten whole below
+    wanted = json.loads(json.dumps(config.to_dict()))  # (tuples as JSON gives them back: lists)
+    if current == wanted:
+        return
+    try:
+        write_json(path, wanted)
+    except OSError as err:
+        raise RunDirError(f"cannot update {path}: {err.strerror or err}; free space and resume again") from err
 
 
 def _refuse_other_run(run_dir: Path, overwrite: bool) -> None:

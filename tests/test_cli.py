@@ -46,6 +46,8 @@ def test_resume_continues_for_more_epochs(run_dir, tmp_path, capsys):
     assert main(["train", "--resume", str(copy), "--epochs", "2", "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
     assert [json.loads(l)["epoch"] for l in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((copy / "config.json").read_text())["train"]["epochs"] == 2  # what people read, too
+    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 1
 
 
 def test_resume_refuses_other_settings(run_dir, capsys):

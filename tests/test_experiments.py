@@ -218,6 +218,10 @@ def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
     unevaluated = subprocess.run(script + ["--evaluated", str(run), "--out", str(tmp_path / "bad.png")],
                                  capture_output=True, text=True, timeout=300)
     assert unevaluated.returncode == 2 and "has no iwae-table.json: evaluate the snapshot first" in unevaluated.stderr
+    typo = subprocess.run([sys.executable, str(REPO / "experiments" / "schedule_curve.py"), str(tmp_path / "rnu"),
+                           "--out", str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr and not (tmp_path / "bad.png").exists()
+    assert f"{tmp_path / 'rnu'} has no metrics.jsonl: give a run folder" in typo.stderr
 
 
 def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
