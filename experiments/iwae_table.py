@@ -43,7 +43,7 @@ import torch
 from pyro_vae.cli import main as pyro_vae
 from pyro_vae.data import load_data, test_set
 from pyro_vae.evaluate import Estimate, active_unit_counts, latent_activity, log_px_importance
-from pyro_vae.runs import load_run, read_metrics
+from pyro_vae.runs import RunLockedError, load_run, read_metrics, run_lock
 
 # Burda et al. (2016), Table 1, MNIST, test NLL by K = 5000 importance samples
 PAPER = {"1-vae-1": 86.76, "1-vae-5": 86.47, "1-iwae-5": 85.54, "1-vae-50": 86.35, "1-iwae-50": 84.78,
@@ -66,7 +66,7 @@ RESULT = "iwae-table.json"
 PER_IMAGE = "iwae-table-log-px.pt"  # each test image's log p(x), float64, in the test set's order
 # pairs of rows whose difference the paper's findings are about: (better, worse)
 PAIRS = [("1-iwae-50", "1-iwae-5"), ("2-iwae-50", "2-iwae-5"), ("1-iwae-5", "1-vae-5"), ("2-iwae-5", "2-vae-5"),
-         ("1-iwae-50", "1-vae-50"), ("2-iwae-50", "2-vae-50"), ("2-vae-1", "1-vae-1")]
+         ("1-iwae-50", "1-vae-50"), ("2-iwae-50", "2-vae-50"), ("2-vae-1", "1-vae-1"), ("2-iwae-50", "1-iwae-50")]
 
 
 def parse_row(name: str) -> tuple[int, str, int]:
@@ -221,30 +221,42 @@ def paired_differences(root: Path) -> str:
     return "\n".join(lines)
 
 
-def archive(root: Path, into: Path) -> list[str]:
+def archive(root: Path, into: Path) -> tuple[list[str], list[str]]:
     """Copy what each row's run folder under ``root`` needs to be resumed or tabled into
     ``into/ROW``: its settings, versions and metrics, its result and per-image values once
     evaluated, and its checkpoint while it is unfinished (a finished row's table entry does
     not need its weights). For machines that do not outlive a session: the copies are
-    committed, and copied back into a runs folder to resume. Returns the rows copied."""
-    copied = []
+    committed, and copied back into a runs folder to resume.
+
+    Each row is copied holding its run folder's lock, so that no training process writes
+    a checkpoint between the copies of its metrics and of its checkpoint. A row that is
+    training is left out, its earlier copy in ``into`` kept as it was. Returns the rows
+    copied and the rows left out."""
+    copied, training = [], []
     for row in ROWS:
         source = root / row
         if not (source / "checkpoint.pt").exists():
             continue
         names = ["config.json", "versions.json", "metrics.jsonl"]
-        names += [RESULT, PER_IMAGE] if (source / RESULT).exists() else ["checkpoint.pt"]
-        target = into / row
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for name in names:
-            if (source / name).exists():
-                shutil.copy2(source / name, target / name)
+        try:
+            with run_lock(source):
+                names += [RESULT, PER_IMAGE] if (source / RESULT).exists() else ["checkpoint.pt"]
+                target = into / row
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                for name in names:
+                    if (source / name).exists():
+                        shutil.copy2(source / name, target / name)
+        except RunLockedError:
+            training.append(row)
+            continue
         copied.append(row)
     for stage in sorted(root.glob("at-*")):  # evaluated copies of long rows (--evaluate-at)
         if stage.is_dir():
-            copied += [f"{stage.name}/{row}" for row in archive(stage, into / stage.name)]
-    return copied
+            more, busy = archive(stage, into / stage.name)
+            copied += [f"{stage.name}/{row}" for row in more]
+            training += [f"{stage.name}/{row}" for row in busy]
+    return copied, training
 
 
 def _hours(seconds: float) -> str:
@@ -284,8 +296,13 @@ def main(argv=None) -> int:
         parser.error(f"--runs {args.runs} is not a folder: give the folder that holds the rows' runs "
                      "(each in a folder named after its row, e.g. 1-vae-1)")
     if args.archive:
-        print(f"copied into {args.archive}: {' '.join(archive(args.runs, args.archive)) or 'no row'}")
-        return 0
+        copied, training = archive(args.runs, args.archive)
+        print(f"copied into {args.archive}: {' '.join(copied) or 'no row'}")
+        for row in training:
+            print(f"{row} is training (another process holds {args.runs / row}): not copied, and "
+                  f"{args.archive / row} is left as it was. Stop it (SIGTERM saves the step it reached), then "
+                  "archive again", file=sys.stderr)
+        return 1 if training else 0
     if not args.table_only:
         for row in args.rows:
             run_dir = args.runs / row

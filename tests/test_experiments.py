@@ -181,6 +181,36 @@ def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
     assert not (tmp_path / "kept").exists()
 
 
+def test_iwae_table_archive_leaves_out_a_row_that_is_training(tmp_path):
+    """A row whose run folder another process holds (it trains) is not copied: its copy
+    could pair a checkpoint with metrics from another step. Its earlier copy stays."""
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    for row in ("1-vae-1", "2-vae-1"):
+        (runs / row).mkdir(parents=True)
+        for name, text in (("config.json", "{}"), ("versions.json", "{}"), ("metrics.jsonl", ""),
+                           ("checkpoint.pt", f"{row} now")):
+            (runs / row / name).write_text(text)
+    (kept / "1-vae-1").mkdir(parents=True)
+    (kept / "1-vae-1" / "checkpoint.pt").write_text("1-vae-1 before")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pyro_vae.runs import run_lock\n"
+                               f"with run_lock({str(runs / '1-vae-1')!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
+                               "--archive", str(kept)], capture_output=True, text=True, timeout=300)
+    finally:
+        holder.communicate("", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"copied into {kept}: 2-vae-1" in proc.stdout
+    assert f"1-vae-1 is training (another process holds {runs / '1-vae-1'}): not copied" in proc.stderr
+    assert (kept / "1-vae-1" / "checkpoint.pt").read_text() == "1-vae-1 before"
+    assert (kept / "2-vae-1" / "checkpoint.pt").read_text() == "2-vae-1 now"
+    again = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
+                            "--archive", str(kept)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and (kept / "1-vae-1" / "checkpoint.pt").read_text() == "1-vae-1 now"
+
+
 def _fake_run(folder, test_elbos, evaluated=None):
     """A run folder with per-epoch metrics, and, when ``evaluated`` = (nll, s.e.), its table result."""
     folder.mkdir(parents=True)
