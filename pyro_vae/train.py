@@ -30,7 +30,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, rng
+from . import checkpoint, distributed, networks, rng
 from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
@@ -228,6 +228,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
         rng.set_state(state["rng"])
+        _resume_softplus(state, device, log)
         if leader:
             repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
     if group is not None:
@@ -296,6 +297,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
                        "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
                        "image_shape": list(train_data.image_shape)}
+            if device.type == "cpu":  # the form its values were computed with, for an exact resume
+                payload["softplus"] = networks.cpu_softplus_form()
             if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
                 payload["rng_ranks"] = streams
             with _writing("the checkpoint", run_dir / checkpoint.CHECKPOINT_NAME, position, saved, run_dir):
@@ -485,6 +488,25 @@ def _stored_run(config: RunConfig | None, run_dir: Path):
             )
         stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
     return stored, state
+
+
+def _resume_softplus(state: dict, device: torch.device, log) -> None:
+    """On the CPU, resume with the softplus form the run was saved with.
+
+    The form is otherwise chosen by timing ``log1p`` once per process, and a measurement
+    taken under load can choose the other form; the two agree to float rounding only, so
+    a resumed run would no longer end bit-identical to an uninterrupted one. This sets the
+    process's form (unless ``$PYRO_VAE_SOFTPLUS`` asks for another, which is said)."""
+    was = state.get("softplus")
+    if was is None or device.type != "cpu":
+        return
+    wanted = networks.softplus_setting()
+    if wanted == "auto":
+        networks.set_cpu_softplus_form(was)
+    elif wanted != was:
+        log(f"note: this run was saved computing softplus in the {was} form, and ${networks.SOFTPLUS_ENV}={wanted} "
+            "resumes it in the other; the values agree to float rounding, so it will not end bit-identical to an "
+            "uninterrupted run")
 
 
 def _record_epochs(run_dir: Path, config: RunConfig) -> None:

@@ -143,11 +143,14 @@ def test_iwae_table_pairs_rows_by_test_image(tmp_path):
     from iwae_table import PER_IMAGE, paired_differences
 
     for row, values in [("1-iwae-50", [-80.0, -90.0, -100.0, -110.0]), ("1-vae-50", [-81.0, -92.0, -100.5, -111.5]),
-                        ("2-iwae-50", [-70.0, -80.0, -90.0, -100.0])]:  # 2-vae-50 missing: its pair is left out
+                        ("2-iwae-50", [-70.0, -81.0, -89.0, -100.0])]:  # 2-vae-50 missing: its pair is left out
         (tmp_path / row).mkdir()
         torch.save(torch.tensor(values, dtype=torch.float64), tmp_path / row / PER_IMAGE)
-    # differences 1, 2, 0.5, 1.5: mean 1.25, sample std sqrt(0.41667) = 0.6455, s.e. 0.3227
+    # differences 1, 2, 0.5, 1.5: mean 1.25, sample std sqrt(0.41667) = 0.6455, s.e. 0.3227;
+    # one layer minus two: 10, 9, 11, 10: mean 10, sample std sqrt(2/3) = 0.8165, s.e. 0.4082
     assert paired_differences(tmp_path) == ("- NLL of 1-vae-50 minus NLL of 1-iwae-50: 1.25 +- 0.32 nats "
+                                            "(paired over 4 test images)\n"
+                                            "- NLL of 1-iwae-50 minus NLL of 2-iwae-50: 10.00 +- 0.41 nats "
                                             "(paired over 4 test images)")
 
 

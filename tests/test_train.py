@@ -84,6 +84,40 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert drop(read_metrics(tmp_path / "straight")) == drop(read_metrics(tmp_path / "resumed"))
 
 
+def test_a_run_resumes_with_the_softplus_form_it_was_saved_with(tmp_path, data_dir, monkeypatch):
+    """The CPU softplus form is measured per process, and the two forms differ by rounding:
+    a process that measures the other form must still resume a run bit-exactly."""
+    from pyro_vae import networks
+
+    monkeypatch.delenv(networks.SOFTPLUS_ENV, raising=False)
+    config = small_config(data_dir, epochs=2)
+    config = replace(config, data=replace(config.data, train_limit=600, test_limit=100))
+    assert config.model.activation == "softplus"  # (the form matters to the networks, not only the scales)
+    quiet = dict(progress=False, log=lambda s: None)
+    before = networks.cpu_softplus_form()
+    try:
+        networks.set_cpu_softplus_form("exp-log")
+        straight = train(config, tmp_path / "straight", **quiet)
+        train(replace(config, train=replace(config.train, epochs=1)), tmp_path / "resumed", **quiet)
+        networks.set_cpu_softplus_form("torch")  # a new process, on a machine that measures log1p fast
+        other = train(config, tmp_path / "other", **quiet)
+        resumed = train(config, tmp_path / "resumed", resume=True, **quiet)
+        assert networks.cpu_softplus_form() == "exp-log"
+        notes = []
+        monkeypatch.setenv(networks.SOFTPLUS_ENV, "torch")
+        train(replace(config, train=replace(config.train, epochs=3)), tmp_path / "resumed", resume=True,
+              progress=False, log=notes.append)
+    finally:
+        networks.set_cpu_softplus_form(before)
+    same = [torch.equal(a, b) for a, b in zip(straight.program.state_dict().values(),
+                                               resumed.program.state_dict().values())]
+    assert all(same)
+    assert not all(torch.equal(a, b) for a, b in zip(straight.program.state_dict().values(),
+                                                     other.program.state_dict().values()))  # the forms do differ
+    assert any("saved computing softplus in the exp-log form, and $PYRO_VAE_SOFTPLUS=torch resumes it" in n
+               for n in notes)
+
+
 def test_objective_knobs_train_and_report_the_true_elbo(tmp_path, data_dir):
     base = small_config(data_dir, epochs=2)
     base = replace(base, data=replace(base.data, train_limit=500, test_limit=200))
