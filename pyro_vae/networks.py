@@ -100,8 +100,9 @@ def log1p_is_slow(elements: int = 1 << 14, repeats: int = 9) -> bool:
     values (after one untimed call of each: the first call of an operator pays its setup).
 
     Where it is slow it is several times slower (7 ns an element against 1.2 on one
-    machine), where it is not about as fast as ``exp`` alone, so the factor 2 is far from
-    both and the answer does not flip with the machine's load. About a millisecond,
+    machine), where it is not about as fast as ``exp`` alone; but the ratio is noisy (0.7
+    to 1.6 on one Intel Xeon), so two processes may answer differently, and a run records
+    its form in its checkpoint to resume with it. About a millisecond,
     outside any recording (``torch.fx`` tracing included). ``elements`` stays below
     torch's parallel grain: one thread, as the ratio of per-element costs needs.
     """
