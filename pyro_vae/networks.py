@@ -96,15 +96,24 @@ def set_cpu_softplus_form(form: str | None) -> None:
 
 def log1p_is_slow(elements: int = 1 << 14, repeats: int = 9) -> bool:
     """Whether torch's CPU ``log1p`` takes more than twice as long as ``exp`` and ``log``
-    together, by the fastest of ``repeats`` interleaved timings of each on ``elements``
-    values (after one untimed call of each: the first call of an operator pays its setup).
+    together (:func:`log1p_cost_ratio` above 2).
 
     Where it is slow it is several times slower (7 ns an element against 1.2 on one
     machine), where it is not about as fast as ``exp`` alone; but the ratio is noisy (0.7
     to 1.6 on one Intel Xeon), so two processes may answer differently, and a run records
-    its form in its checkpoint to resume with it. About a millisecond,
-    outside any recording (``torch.fx`` tracing included). ``elements`` stays below
-    torch's parallel grain: one thread, as the ratio of per-element costs needs.
+    its form in its checkpoint to resume with it.
+    """
+    return log1p_cost_ratio(elements, repeats) > 2
+
+
+def log1p_cost_ratio(elements: int = 1 << 14, repeats: int = 9) -> float:
+    """The time of torch's CPU ``log1p`` over that of ``exp`` and ``log`` together, by the
+    fastest of ``repeats`` interleaved timings of each on ``elements`` values (after one
+    untimed call of each: the first call of an operator pays its setup).
+
+    About a millisecond, outside any recording (``torch.fx`` tracing included).
+    ``elements`` stays below torch's parallel grain: one thread, as the ratio of
+    per-element costs needs.
     """
     from torch.utils._python_dispatch import _disable_current_modes
 
@@ -119,7 +128,7 @@ def log1p_is_slow(elements: int = 1 << 14, repeats: int = 9) -> bool:
                 op(x)
                 if round_:
                     best[name] = min(best[name], time.perf_counter() - start)
-    return best["log1p"] > 2 * (best["exp"] + best["log"])
+    return best["log1p"] / (best["exp"] + best["log"])
 
 
 class Softplus(nn.Module):

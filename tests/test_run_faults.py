@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pyro_vae import checkpoint, load_run
-from pyro_vae.runs import RunLockedError, RunWriteError, read_metrics, run_lock
+from pyro_vae.runs import RunDirError, RunLockedError, RunWriteError, read_metrics, run_lock
 from pyro_vae.train import train
 import pyro_vae.train as train_module
 
@@ -153,6 +153,28 @@ def test_a_write_failure_before_any_checkpoint_says_so(tmp_path, data_dir, monke
     monkeypatch.setattr(checkpoint, "save", full_disk)
     with pytest.raises(RunWriteError, match="no epoch had been saved yet"):
         train(config(data_dir, epochs=1), tmp_path / "run", **quiet)
+
+
+def test_no_space_for_the_longer_config_of_a_resume_says_so_and_keeps_the_run(tmp_path, data_dir, monkeypatch):
+    """A resume with more epochs rewrites config.json; a full disk stops it before any step,
+    with the run as it was, and the same resume works once there is space."""
+    run_dir = tmp_path / "run"
+    train(config(data_dir, epochs=1), run_dir, **quiet)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.json", "checkpoint.pt", "metrics.jsonl")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_module, "write_json", full_disk)
+    with pytest.raises(RunDirError) as info:
+        train(config(data_dir, epochs=2), run_dir, resume=True, **quiet)
+    assert str(info.value) == (f"cannot update {run_dir / 'config.json'}: No space left on device; free space and "
+                               "resume again")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    train(config(data_dir, epochs=2), run_dir, resume=True, **quiet)
+    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 2
+    assert checkpoint.load(run_dir / "checkpoint.pt")["epoch"] == 2
 
 
 # -- torn metrics lines --------------------------------------------------------------------
