@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.kl import kl_divergence
 
 from .capture import CaptureError, CapturedLoss
 from .objectives import sample_sites
 from .rng import forked_rng
+from .scoring import Scorer
 from .views import ViewUnavailable, posterior_means, require, standard_normal_prior
 
 
@@ -66,52 +66,34 @@ def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int)
 
 
 @torch.no_grad()
-def batch_elbo_terms(model, guide, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-    """Per-image ``log_lik``, ``kl`` and ``elbo`` for one batch (one sample of z each).
+def batch_elbo_terms(model, guide, x: torch.Tensor, num_data: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """Per-image ``log_lik``, ``kl`` and ``elbo`` of one batch (one draw each), split from
+    Pyro's own ELBO of the batch (:mod:`pyro_vae.scoring`).
 
-    ``kl`` sums, over the latent sites, the KL of the guide's distribution from the
-    model's (in closed form where one exists, else the one-sample estimate
-    ``log q(z) - log p(z)``). A guide site that the model lacks is auxiliary (as in
-    Pyro's autoguides): it adds its ``log q`` to the same term.
+    ``num_data`` is the size of the data set the batch belongs to (the batch itself when
+    None): terms outside the ``"data"`` plate (global latents) count once for it, as
+    ``1 / num_data`` of them per image. ``kl`` is everything that is not an observed
+    site, negated: the local latents' KL (closed form where Pyro's mean-field ELBO has
+    one, for a program with one latent site; a one-draw estimate otherwise), auxiliary
+    guide sites, and the global latents' share. A model that enumerates a latent site
+    reports ``elbo`` alone.
     """
-    model_trace, guide_trace = _traces(model, guide, x, **kwargs)
-    log_lik = 0.0
-    for site in sample_sites(model_trace):
-        if site["is_observed"]:
-            log_lik = log_lik + site["fn"].log_prob(site["value"])
-    kl = 0.0
-    latents = sample_sites(guide_trace)
-    # A closed form needs p of the site to depend on no other latent: with one latent
-    # site that the model shares, p depends on the parameters alone. With several (z2 -> z1 -> x),
-    # p(z1|z2) depends on z2, which the guide draws from z1, so KL(q(z1|x) || p(z1|z2))
-    # at the drawn z2 is not the z1 term of the ELBO: score every site by Monte Carlo.
-    closed_form = sum(site["name"] in model_trace.nodes for site in latents) == 1  # (auxiliary sites aside)
-    for q_site in latents:
-        p_site = model_trace.nodes.get(q_site["name"])
-        if p_site is None:
-            kl = kl + q_site["fn"].log_prob(q_site["value"])
-            continue
-        z = q_site["value"]
-        try:
-            if not closed_form:
-                raise NotImplementedError
-            kl = kl + kl_divergence(q_site["fn"], p_site["fn"])
-        except NotImplementedError:  # no closed form: a one-sample Monte Carlo estimate
-            kl = kl + q_site["fn"].log_prob(z) - p_site["fn"].log_prob(z)
-    return {"log_lik": log_lik, "kl": kl, "elbo": log_lik - kl}
+    return Scorer().terms(model, guide, x, x.shape[0] if num_data is None else int(num_data), **kwargs)
 
 
 def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed: int | None = 0,
                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms over a whole data set, batched; values are tensors ``(N,)``.
 
-    ``labels``, when given, reach the program as ``y`` (for programs that take it)."""
-    out: dict[str, list[torch.Tensor]] = {"log_lik": [], "kl": [], "elbo": []}
-    with forked_rng(seed):
+    The program is told the data set's size N, so the mean of ``elbo`` is Pyro's ELBO of
+    the data set divided by N (:func:`batch_elbo_terms`). ``labels``, when given, reach
+    the program as ``y`` (for programs that take it)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    scorer = Scorer()
+    with forked_rng(seed), torch.no_grad():
         for x, extra in _batches(images, labels, batch_size):
-            terms = batch_elbo_terms(model, guide, x, **extra)
-            for k in out:
-                out[k].append(torch.as_tensor(terms[k]).expand(x.shape[0]))
+            for k, v in scorer.terms(model, guide, x, images.shape[0], **extra).items():
+                out.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -13,6 +13,9 @@ A *program* is a :class:`torch.nn.Module` with two Pyro callables over the same 
   it (:func:`data_plate`), so Pyro scales the minibatch's terms by N / B.
 * ``kl_weight`` (optional) weights the latent sites (beta-VAE, KL warm-up); a program
   without it trains only at weight 1.
+* ``index`` (optional) is the minibatch's positions in the data set ``(B,)``, for
+  programs that keep parameters per data point: give it to the plate
+  (``data_plate(x, num_data, index)``) so each image's parameters are its own.
 * Every learned tensor is an ``nn.Parameter`` of the module (registered with Pyro through
   ``pyro.module`` in the model or guide, for the ``svi`` engine); the training loop
   refuses a ``pyro.param`` the module does not own, which no checkpoint would save.
@@ -38,22 +41,30 @@ from typing import Sequence
 
 import pyro
 import torch
+from pyro import poutine
 
 from ..registry import Registry
 
 MODELS = Registry("model")
 
 
-def data_plate(x: torch.Tensor, num_data: int | None):
+def data_plate(x: torch.Tensor, num_data: int | None, index: torch.Tensor | None = None):
     """``pyro.plate("data")`` over the minibatch ``x``, told the data set's size ``num_data``.
 
-    An explicit subsample index gives the plate the minibatch size without drawing a
-    random permutation of the whole data set at every step.
+    ``index``: the minibatch's positions in the data set (the training loop passes them
+    to programs whose ``model`` and ``guide`` take ``index``), as the plate's subsample,
+    so parameters kept per data point (Pyro's ``AutoNormal`` over the plate) belong to
+    the right images. Without it, an explicit ``arange`` gives the plate the minibatch
+    size without drawing a random permutation of the whole data set at every step.
     """
     batch = x.shape[0]
     size = batch if num_data is None else int(num_data)
     if size < batch:
         raise ValueError(f"num_data={size} is smaller than the minibatch of {batch} images")
+    if index is not None:
+        if index.shape != (batch,):
+            raise ValueError(f"index has shape {tuple(index.shape)}; expected one position per image, ({batch},)")
+        return pyro.plate("data", size=size, subsample=index)
     subsample = torch.arange(batch, device=x.device) if size != batch else None
     return pyro.plate("data", size=size, subsample=subsample)
 
@@ -87,7 +98,7 @@ class ProgramCall:
                             f"got {type(program).__name__}")
         model, guide = (_arguments(getattr(program, name)) for name in ("model", "guide"))
         self.takes = {}
-        for arg in ("y", "num_data", "kl_weight"):
+        for arg in ("y", "num_data", "kl_weight", "index"):
             if (arg in model) != (arg in guide):
                 has, lacks = ("model", "guide") if arg in model else ("guide", "model")
                 raise TypeError(f"{type(program).__name__}.{has} takes {arg} but its {lacks} does not; Pyro calls "
@@ -104,6 +115,8 @@ class ProgramCall:
         out = {"x": batch["x"]}
         if self.takes["y"] and batch.get("y") is not None:
             out["y"] = batch["y"]
+        if self.takes["index"] and batch.get("index") is not None:
+            out["index"] = batch["index"]
         for name, value in options.items():
             if name == "kl_weight" and not self.takes["kl_weight"]:
                 if value != 1:
@@ -115,7 +128,8 @@ class ProgramCall:
 
 
 def _arguments(fn) -> set[str]:
-    params = inspect.signature(fn).parameters.values()
+    # a method under a Pyro handler (@config_enumerate) is read through the handler
+    params = inspect.signature(poutine.unwrap(fn)).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return {"y", "num_data", "kl_weight"}
     return {p.name for p in params}

@@ -1,0 +1,279 @@
+"""The oracle's library: small Pyro programs unlike the built-in VAE, each a valid program
+that Pyro's own ELBO scores. tests/test_oracle.py checks that pyro_vae reports, trains
+and reloads each as Pyro would, or refuses it at once with the reason.
+
+Each entry of ``PROGRAMS`` builds a fresh, seeded program; ``ESTIMATOR`` names the
+registered estimator that trains it. A new kind of program found to be mis-scored
+becomes a new entry here.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import config_enumerate
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, AutoNormalMessenger
+from torch import nn
+
+from pyro_vae.models import data_plate
+from pyro_vae.models.vae import VAE
+from pyro_vae.networks import MLPDecoder, MLPEncoder
+
+SHAPE = (1, 4, 4)
+D = math.prod(SHAPE)
+Z = 2
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+class _Encoded(nn.Module):
+    """An encoder and a decoder; ``check_data`` so every engine runs (and records) the steps."""
+
+    def __init__(self, z_dim=Z):
+        super().__init__()
+        self.encoder = MLPEncoder(D, z_dim, (8,))
+        self.decoder = MLPDecoder(D, z_dim, (8,))
+
+    def check_data(self, x, what="data"):
+        if not ((x == 0) | (x == 1)).all():
+            raise ValueError(f"{what} must be binary")
+
+    def guide(self, x, *, num_data=None):
+        pyro.module("encoder", self.encoder)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+class MaskedSite(_Encoded):
+    """The VAE with a second, fully masked observation of x (its 16 pixels counted by no ELBO)."""
+
+    def model(self, x, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            logits = self.decoder(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            with poutine.mask(mask=False):
+                pyro.sample("x_again", dist.Bernoulli(logits=logits - 2.0).to_event(1), obs=x)
+
+
+PIXEL_MASK = torch.arange(D) % 3 != 0  # the pixels observed; the others are missing
+
+
+class ObsMask(_Encoded):
+    """Missing pixels by Pyro's ``obs_mask``, in a pixel plate nested in the data plate; the
+    guide proposes the missing pixels (``x_unobserved``) as fair coins."""
+
+    def model(self, x, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        with data_plate(x, num_data):  # dim -1; the pixel plate inside it takes dim -2
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            logits = self.decoder(z)
+            with pyro.plate("pixels", D):
+                pyro.sample("x", dist.Bernoulli(logits=logits.T), obs=x.T, obs_mask=PIXEL_MASK.unsqueeze(-1))
+
+    def guide(self, x, *, num_data=None):
+        pyro.module("encoder", self.encoder)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            with pyro.plate("pixels", D), poutine.mask(mask=~PIXEL_MASK.unsqueeze(-1)):
+                pyro.sample("x_unobserved", dist.Bernoulli(probs=torch.full((D, 1), 0.5)))
+
+
+class ScaledLikelihood(_Encoded):
+    """The likelihood tempered by ``poutine.scale(0.5)``."""
+
+    def model(self, x, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            with poutine.scale(scale=0.5):
+                pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+
+class GlobalLatent(_Encoded):
+    """A Bayesian last layer: the weights W ~ N(0, 1) outside the data plate, q(W) a learned Gaussian."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_loc = nn.Parameter(torch.zeros(Z, D))
+        self.w_log_scale = nn.Parameter(torch.full((Z, D), -2.0))
+
+    def model(self, x, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        w = pyro.sample("W", dist.Normal(torch.zeros(Z, D), 1.0).to_event(2))
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + z @ w).to_event(1), obs=x)
+
+    def guide(self, x, *, num_data=None):
+        pyro.module("program", self)
+        pyro.sample("W", dist.Normal(self.w_loc, self.w_log_scale.exp()).to_event(2))
+        super().guide(x, num_data=num_data)
+
+
+class BayesianLayerAutoguide(_Encoded):
+    """The Bayesian last layer with Pyro's ``AutoDiagonalNormal`` over W beside the amortised encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_guide = AutoDiagonalNormal(poutine.block(self.model, expose=["W"]))
+
+    def model(self, x, *, num_data=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        w = pyro.sample("W", dist.Normal(torch.zeros(Z, D), 1.0).to_event(2))
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + z @ w).to_event(1), obs=x)
+
+    def guide(self, x, *, num_data=None):
+        self.w_guide(x, num_data=num_data)
+        super().guide(x, num_data=num_data)
+
+
+class _Plain(_Encoded):
+    def model(self, x, *, num_data=None, index=None):
+        pyro.module("decoder", self.decoder)
+        x = _flat(x)
+        with data_plate(x, num_data, index):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+
+class PerImageAutoNormal(_Plain):
+    """Pyro's ``AutoNormal`` with one Gaussian per training image (no encoder): the
+    minibatch's data-set indices must reach the plate."""
+
+    def __init__(self):
+        super().__init__()
+        del self.encoder
+        self.autoguide = AutoNormal(self.model)
+
+    def guide(self, x, *, num_data=None, index=None):
+        return self.autoguide(x, num_data=num_data, index=index)
+
+
+class Messenger(_Plain):
+    """Pyro's ``AutoNormalMessenger`` (a ``GuideMessenger``: it runs the model itself), amortised
+    over the data plate: one Gaussian shared by every image."""
+
+    def __init__(self):
+        super().__init__()
+        del self.encoder
+        self.autoguide = AutoNormalMessenger(self.model, amortized_plates=("data",))
+
+    def guide(self, x, *, num_data=None, index=None):
+        return self.autoguide(x, num_data=num_data, index=index)
+
+
+K = 3  # classes of the discrete latent
+
+
+class DiscreteLatent(_Encoded):
+    """A class y ~ Cat(1/K) beside z; x | y, z; the guide q(y | x) q(z | x). ``enumerate``:
+    y summed out in the guide (TraceEnum_ELBO); else drawn (score function, TraceGraph_ELBO)."""
+
+    def __init__(self, enumerate=True):
+        super().__init__()
+        self.classify = nn.Linear(D, K)
+        self.embed = nn.Embedding(K, D)
+        self.enumerate = enumerate
+
+    def model(self, x, *, num_data=None):
+        pyro.module("program", self)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            y = pyro.sample("y", dist.Categorical(logits=torch.zeros(K)))
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + self.embed(y)).to_event(1), obs=x)
+
+    def guide(self, x, *, num_data=None):
+        pyro.module("program", self)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            infer = {"enumerate": "parallel"} if self.enumerate else {}
+            pyro.sample("y", dist.Categorical(logits=self.classify(x)), infer=infer)
+            loc, scale = self.encoder(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+class ModelEnumerated(_Encoded):
+    """A mixture of K decoders: the component c ~ Cat(1/K) is summed out in the *model*
+    (no guide site), z is guided."""
+
+    def __init__(self):
+        super().__init__()
+        self.offsets = nn.Parameter(torch.randn(K, D))
+
+    @config_enumerate
+    def model(self, x, *, num_data=None):
+        pyro.module("program", self)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            c = pyro.sample("c", dist.Categorical(logits=torch.zeros(K)))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + self.offsets[c]).to_event(1), obs=x)
+
+
+class Conditional(_Encoded):
+    """A conditional VAE: p(x | z, y) with y's embedding added to the logits, q(z | x, y)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4, D)
+
+    def model(self, x, y=None, *, num_data=None):
+        pyro.module("program", self)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + self.embed(y)).to_event(1), obs=x)
+
+    def guide(self, x, y=None, *, num_data=None):
+        pyro.module("program", self)
+        x = _flat(x)
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x + 0.1 * self.embed(y))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def labels_of(images):
+    """A label that is a function of the image, 0-3."""
+    return _flat(images)[:, :4].sum(-1).long().clamp(max=3)
+
+
+def _seeded(cls, *args):
+    def build():
+        torch.manual_seed(0)
+        return cls(*args)
+    return build
+
+
+PROGRAMS = {
+    "masked-site": _seeded(MaskedSite),
+    "obs-mask": _seeded(ObsMask),
+    "scaled-likelihood": _seeded(ScaledLikelihood),
+    "global-latent": _seeded(GlobalLatent),
+    "bayesian-layer-autoguide": _seeded(BayesianLayerAutoguide),
+    "per-image-autonormal": _seeded(PerImageAutoNormal),
+    "autonormal-messenger": _seeded(Messenger),
+    "discrete-enumerated": _seeded(DiscreteLatent, True),
+    "discrete-sampled": _seeded(DiscreteLatent, False),
+    "model-enumerated": _seeded(ModelEnumerated),
+    "conditional": _seeded(Conditional),
+}
+
+ESTIMATOR = {"discrete-enumerated": "traceenum", "discrete-sampled": "tracegraph", "model-enumerated": "traceenum"}
