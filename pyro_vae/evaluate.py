@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.enum import get_importance_trace
 
 from .capture import CaptureError, CapturedLoss
-from .objectives import sample_sites
+from .objectives import log_densities, sample_sites
 from .rng import forked_rng
-from .scoring import Scorer
+from .scoring import Scorer, plate_depth
 from .views import ViewUnavailable, posterior_means, require, standard_normal_prior
 
 
@@ -98,25 +99,38 @@ def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed:
 
 
 @torch.no_grad()
-def batch_log_weights(model, guide, x: torch.Tensor, num_samples: int, **kwargs) -> torch.Tensor:
+def batch_log_weights(model, guide, x: torch.Tensor, num_samples: int, depth: int | None = None,
+                      **kwargs) -> torch.Tensor:
     """``log p(x, z_k) - log q(z_k | x)`` for ``num_samples`` draws per image: ``(K, B)``.
 
-    The K draws are vectorised with an outer ``"particles"`` plate, so the networks see
-    one ``(K, B, .)`` batch.
+    The K draws are vectorised with a ``"particles"`` plate left of all the program's
+    plates (``depth``: :func:`pyro_vae.scoring.plate_depth`, read from the program when
+    None), so the networks see one ``(K, B, .)`` batch.
     """
-    return log_weights(model, guide, x, num_samples, **kwargs)
+    return log_weights(model, guide, x, num_samples, depth, **kwargs)
 
 
-def log_weights(model, guide, x: torch.Tensor, num_samples: int, **kwargs) -> torch.Tensor:
-    """:func:`batch_log_weights` with gradients (to optimise a guide through them)."""
-    with pyro.plate("particles", num_samples, dim=-2):
-        model_trace, guide_trace = _traces(model, guide, x, **kwargs)
-    log_w = 0.0
-    for site in sample_sites(model_trace):
-        log_w = log_w + site["fn"].log_prob(site["value"])
-    for site in sample_sites(guide_trace):
-        log_w = log_w - site["fn"].log_prob(site["value"])
-    return log_w.expand(num_samples, x.shape[0])
+def log_weights(model, guide, x: torch.Tensor, num_samples: int, depth: int | None = None,
+                **kwargs) -> torch.Tensor:
+    """:func:`batch_log_weights` with gradients (to optimise a guide through them).
+
+    The traces are Pyro's (``get_importance_trace``, as its ELBOs make them: a
+    ``GuideMessenger`` guide included) and each site's log-density is the one Pyro
+    computes, its mask applied; per image, it sums the sites inside the ``"data"``
+    plate. A program for which that is not log p(x, z) - log q(z | x) of an image is
+    refused (:class:`pyro_vae.objectives.ImportanceWeightError`): a site outside the
+    ``"data"`` plate (a global latent makes the images dependent), a scale other than
+    the plates' (``poutine.scale``), a masked latent, a latent of the model that the
+    guide does not sample.
+    """
+    if depth is None:
+        depth = plate_depth(model, guide, x=x, **kwargs)
+    # the particles plate inside each program, as Pyro's vectorize_particles puts it
+    particles = pyro.plate("particles", num_samples, dim=-1 - depth)
+    model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
+                                                    {"x": x, **kwargs})
+    _, log_p, log_q = log_densities(model_trace, guide_trace, "data", depth, require_rsample=False)
+    return (log_p - log_q).expand(num_samples, x.shape[0])
 
 
 def log_px_importance(
@@ -152,17 +166,19 @@ def log_px_importance(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     batches = list(_batches(images, labels, batch_size))
     first, stop = (0, len(batches)) if group is None else _my_batches(len(batches), group)
-    score = _recorded_log_weights(model, guide)
+    x0, extra0 = batches[0]
+    depth = plate_depth(model, guide, x=x0[:1], **{k: v[:1] for k, v in extra0.items()})
+    score = _recorded_log_weights(model, guide, depth)
     results = []
     with forked_rng(seed):
-        draws_only = _guide_draws_suffice(model, guide, batches[0]) if first > 0 else True
+        draws_only = _guide_draws_suffice(model, guide, batches[0], depth) if first > 0 else True
         for j, (x, extra) in enumerate(batches[:stop]):
             chunk = max(1, (max_elements or default_chunk_elements(x.device)) // x.shape[0])
             total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
             for k0 in range(0, num_samples, chunk):
                 k = min(chunk, num_samples - k0)
                 if j < first:  # another rank's batch: only advance the noise stream past it
-                    _draw(model, guide, x, k, draws_only, **extra)
+                    _draw(model, guide, x, k, draws_only, depth, **extra)
                     continue
                 log_w = score(x=x, num_samples=k, first=k0 == 0, **extra).double()
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
@@ -185,7 +201,7 @@ def default_chunk_elements(device: torch.device) -> int:
     return 50_000 if device.type == "cuda" else 2_000
 
 
-def _recorded_log_weights(model, guide):
+def _recorded_log_weights(model, guide, depth: int):
     """:func:`batch_log_weights` as a callable ``(x=..., num_samples=k, **extra)``, its
     tensor operations recorded once per chunk shape and replayed (pyro_vae.capture) when
     model and guide are methods of one module: the same operations and random draws
@@ -193,7 +209,7 @@ def _recorded_log_weights(model, guide):
     chunks large), so chunks can be sized for the cache instead. Other programs, and
     any that cannot be recorded, are traced at every chunk as before."""
     def eager(x, num_samples, first=True, **extra):
-        return batch_log_weights(model, guide, x, num_samples, **extra)
+        return batch_log_weights(model, guide, x, num_samples, depth, **extra)
 
     module = getattr(model, "__self__", None)
     if not isinstance(module, torch.nn.Module) or getattr(guide, "__self__", None) is not module:
@@ -224,19 +240,19 @@ def _my_batches(count: int, group) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _guide_draws_suffice(model, guide, batch) -> bool:
+def _guide_draws_suffice(model, guide, batch, depth: int) -> bool:
     """Whether the guide makes every random draw of a scoring (the model only replays and
     observes); else skipping a batch must run the model as well."""
     x, extra = batch
-    with forked_rng(0), pyro.plate("particles", 1, dim=-2):
+    with forked_rng(0), pyro.plate("particles", 1, dim=-1 - depth):
         model_trace, guide_trace = _traces(model, guide, x[:1], **{k: v[:1] for k, v in extra.items()})
     return all(site["is_observed"] or site["name"] in guide_trace.nodes for site in sample_sites(model_trace))
 
 
 @torch.no_grad()
-def _draw(model, guide, x, num_samples: int, draws_only: bool, **kwargs) -> None:
+def _draw(model, guide, x, num_samples: int, draws_only: bool, depth: int, **kwargs) -> None:
     """Make the random draws of a scoring of ``x`` without scoring it."""
-    with pyro.plate("particles", num_samples, dim=-2):
+    with pyro.plate("particles", num_samples, dim=-1 - depth):
         if draws_only:
             poutine.trace(guide).get_trace(x, **kwargs)
         else:
@@ -355,11 +371,16 @@ def latent_activity(model, guide, images: torch.Tensor, num_samples: int = 100, 
     active when its activity exceeds 0.01.
     """
     means: dict[str, list[torch.Tensor]] = {}
+    depth = None
     with forked_rng(seed):
         for x, extra in _batches(images, labels, batch_size):
-            with pyro.plate("particles", num_samples, dim=-2):
+            if depth is None:
+                depth = plate_depth(model, guide, x=x[:1], **{k: v[:1] for k, v in extra.items()})
+            with pyro.plate("particles", num_samples, dim=-1 - depth):
                 trace = poutine.trace(guide).get_trace(x, **extra)
             for site in sample_sites(trace):
+                if site["is_observed"]:  # a GuideMessenger runs the model: its data is no latent
+                    continue
                 mean = site["fn"].mean.expand(num_samples, x.shape[0], *site["fn"].event_shape)
                 means.setdefault(site["name"], []).append(mean.double().mean(0).reshape(x.shape[0], -1))
     return {name: torch.cat(parts).var(0, unbiased=False) for name, parts in means.items()}

@@ -248,8 +248,12 @@ class ImportanceWeightedELBO(ELBO):
         return self._terms(model, guide, args, kwargs, model_trace, guide_trace)
 
     def _terms(self, model, guide, args, kwargs, model_trace, guide_trace):
-        scale, log_p, log_q = _log_densities(model_trace, guide_trace, self.plate)
+        scale, log_p, log_q = log_densities(model_trace, guide_trace, self.plate, self._program_depth())
         return scale, (log_p - log_q,)
+
+    def _program_depth(self) -> int:
+        # Pyro counts the vectorised particles' plate in max_plate_nesting
+        return self.max_plate_nesting - (1 if self.vectorize_particles and self.num_particles > 1 else 0)
 
 
 @ESTIMATORS.register("iwae-dreg", "iwae with the doubly reparameterised gradient for the guide (Tucker et al.)")
@@ -331,7 +335,7 @@ class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
         scale, (log_w,) = super()._terms(model, guide, args, kwargs, model_trace, guide_trace)
         fixed_guide = poutine.trace(poutine.replay(guide, trace=_detached(guide_trace))).get_trace(*args, **kwargs)
         fixed_model = poutine.trace(poutine.replay(model, trace=fixed_guide)).get_trace(*args, **kwargs)
-        _, log_p_fixed, log_q_fixed = _log_densities(fixed_model, fixed_guide, self.plate)
+        _, log_p_fixed, log_q_fixed = log_densities(fixed_model, fixed_guide, self.plate, self._program_depth())
         return scale, (log_w, log_q_fixed, log_p_fixed)
 
 
@@ -361,26 +365,30 @@ def _detached(trace: Trace) -> Trace:
     return frozen
 
 
-def _log_densities(model_trace: Trace, guide_trace: Trace, plate: str):
+def log_densities(model_trace: Trace, guide_trace: Trace, plate: str, depth: int, require_rsample: bool = True):
     """``(N / B, log p, log q)``: the plate's scale and, per draw and image, ``(K, B)``,
     the model's and the guide's log-densities summed over their sample sites, unscaled.
 
-    Checks, in Python only (no tensor is read), that the bound is defined for the sites
-    (see :class:`ImportanceWeightedELBO`)."""
+    ``depth`` is the program's plate depth; the draws lie left of it (a particles plate
+    at dim ``-1 - depth``, or none). Each site's log-density is Pyro's (the trace's
+    ``unscaled_log_prob`` where Pyro has computed it), its mask applied, summed over the
+    plates nested in ``plate``. Checks, in Python only (no tensor is read), that the
+    bound is defined for the sites (see :class:`ImportanceWeightedELBO`); guide sites
+    need ``rsample`` when ``require_rsample`` (a gradient flows through them)."""
     guide_sites = sample_sites(guide_trace)
     guided = {site["name"] for site in guide_sites}
     for site in sample_sites(model_trace):
         if not site["is_observed"] and site["name"] not in guided:
             raise ImportanceWeightError(
-                f"latent site {site['name']!r} of the model is not sampled by the guide; the importance weights "
-                "p(x, z) / q(z|x) need a proposal q for every latent")
+                f"latent site {site['name']!r} of the model is not sampled by the guide (enumerated in the model?); "
+                "the importance weights p(x, z) / q(z|x) need a proposal q for every latent")
     for site in guide_sites:
-        if not site["fn"].has_rsample:
+        if require_rsample and not site["fn"].has_rsample:
             raise ImportanceWeightError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) cannot be reparameterised; the "
                 "importance-weighted estimators here need rsample at every guide site")
-    model_terms = [_per_image_log_prob(site, plate, "model") for site in sample_sites(model_trace)]
-    guide_terms = [_per_image_log_prob(site, plate, "guide") for site in guide_sites]
+    model_terms = [_per_image_log_prob(site, plate, "model", depth) for site in sample_sites(model_trace)]
+    guide_terms = [_per_image_log_prob(site, plate, "guide", depth) for site in guide_sites]
     if not model_terms or not guide_terms:
         raise ImportanceWeightError("the importance-weighted bound needs sample sites in both the model and the guide")
     scales = {scale for _, scale in model_terms + guide_terms}
@@ -391,14 +399,16 @@ def _log_densities(model_trace: Trace, guide_trace: Trace, plate: str):
     return scales.pop(), log_p.reshape(-1, images), log_q.reshape(-1, images)
 
 
-def _per_image_log_prob(site, plate: str, program: str):
-    """``(log_prob summed to the plate's dim, N / B)`` of a site inside ``plate``."""
+def _per_image_log_prob(site, plate: str, program: str, depth: int):
+    """``(log_prob summed to the plate's dim, N / B)`` of a site inside ``plate``: its
+    batch dims ``(draws..., B)``, the plates nested in ``plate`` summed out."""
     name = site["name"]
     frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
     if frame is None or frame.dim is None:
         raise ImportanceWeightError(
-            f"{program} site {name!r} is outside the {plate!r} plate (a global latent?); the importance-weighted "
-            f"bound here is a log-mean-exp per image, defined for sites inside the {plate!r} plate only")
+            f"{program} site {name!r} is outside the {plate!r} plate (a global latent?): the images are then not "
+            f"independent given the program, so log p(x) and the importance-weighted bound are not defined per "
+            f"image; they are defined for programs whose sites all lie inside the {plate!r} plate")
     scale = site["scale"]
     plates = 1.0
     for f in site["cond_indep_stack"]:
@@ -407,9 +417,11 @@ def _per_image_log_prob(site, plate: str, program: str):
         weight = "a tensor" if isinstance(scale, torch.Tensor) else f"{scale / plates:.6g}"
         raise ImportanceWeightError(
             f"{program} site {name!r} is scaled by {weight} beyond its plates' N / B (a KL weight other than 1, or "
-            "poutine.scale); the importance-weighted bound is defined at weight 1 only: train it with --beta 1 "
-            "and no --kl-warmup-epochs")
-    log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            "poutine.scale); log p(x) and the importance-weighted bound are defined at weight 1 only (train the "
+            "bound with --beta 1 and no --kl-warmup-epochs)")
+    log_prob = site.get("unscaled_log_prob")
+    if log_prob is None:
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
     mask = site["mask"]
     if mask is not None:
         if not site["is_observed"]:
@@ -418,20 +430,24 @@ def _per_image_log_prob(site, plate: str, program: str):
                 "of 0, or a program without a KL term such as the autoencoder (--model ae); the "
                 "importance-weighted bound needs every latent's log-density (and --beta 1, no --kl-warmup-epochs)")
         log_prob = scale_and_mask(log_prob, 1.0, mask)
-    if frame.dim < -1:  # plates nested inside the data plate: their elements belong to the image
-        log_prob = log_prob.sum(list(range(frame.dim + 1, 0)))
+    nested = [f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim != frame.dim and f.dim >= -depth]
+    if nested:  # plates nested in the data plate: their elements belong to the image
+        log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape) if log_prob.dim() < depth \
+            else log_prob
+        log_prob = log_prob.sum(nested, keepdim=True)
     return log_prob, (frame.full_size or frame.size) / frame.size
 
 
-MAX_PLATE_NESTING = 1  # the VAE has one plate, "data"
+MAX_PLATE_NESTING = 1  # the VAE has one plate, "data": the default depth
 
 
-def build_elbo(name: str = "trace", num_particles: int = 1) -> ELBO:
-    """The estimator registered as ``name``, vectorising ``num_particles`` > 1."""
+def build_elbo(name: str = "trace", num_particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING) -> ELBO:
+    """The estimator registered as ``name``, vectorising ``num_particles`` > 1, for a
+    program that nests ``max_plate_nesting`` plates (:func:`pyro_vae.scoring.plate_depth`)."""
     return ESTIMATORS[name](
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
-        max_plate_nesting=MAX_PLATE_NESTING,
+        max_plate_nesting=max_plate_nesting,
     )
 
 

@@ -43,6 +43,9 @@ log-likelihood and a KL is not defined once the latent is summed out).
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, TraceMeanField_ELBO
@@ -72,10 +75,12 @@ class PerImageWeights(Messenger):
         # shared (one image, one weight for all its sites): a 0-dim weight, the only kind of
         # scale Pyro lets a site enumerated in the model have
         shape = () if shared else (batch,)
-        self.w_obs = torch.ones(shape, device=device, requires_grad=True)
-        self.w_lat = self.w_obs if shared else torch.ones(shape, device=device, requires_grad=True)
-        self.g_obs = torch.ones((), device=device, requires_grad=True)
-        self.g_lat = torch.ones((), device=device, requires_grad=True)
+        # float64: the products with float32 log-densities are then exact, and a float64
+        # program keeps its precision
+        self.w_obs = torch.ones(shape, dtype=torch.float64, device=device, requires_grad=True)
+        self.w_lat = self.w_obs if shared else torch.ones(shape, dtype=torch.float64, device=device, requires_grad=True)
+        self.g_obs = torch.ones((), dtype=torch.float64, device=device, requires_grad=True)
+        self.g_lat = torch.ones((), dtype=torch.float64, device=device, requires_grad=True)
 
     def _process_message(self, msg):
         if msg["type"] != "sample" or site_is_subsample(msg):
@@ -120,16 +125,21 @@ class Scorer:
     def _inspect(self, model, guide, kwargs):
         # one run of guide and model, without enumeration, as Pyro's ELBOs guess the plate
         # depth; its random draws are taken from a fork, so the scores' draws stay the caller's
-        with poutine.block(), torch.no_grad(), forked_rng(0):
-            guide_trace = poutine.trace(guide).get_trace(**kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**kwargs)
-        dims = [frame.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
-                if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
-        self.max_plate_nesting = -min(dims) if dims else 0
+        model_trace, guide_trace = _plain_traces(model, guide, kwargs)
+        self.max_plate_nesting = _depth(model_trace, guide_trace)
         self.enumerated = enumerates(guide_trace) or enumerates(model_trace)
         self.model_enumerates = self.enumerated and any(
             site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
             and name not in guide_trace.nodes for name, site in model_trace.nodes.items())
+        if not is_guide_messenger(guide):
+            observed = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                        and site["is_observed"]]
+            if observed:
+                raise ScoringError(
+                    f"the guide observes {observed}: it runs the model (a GuideMessenger such as AutoNormalMessenger "
+                    "called from inside a method?), so Pyro's ELBOs would score the data as a guide site. Make the "
+                    "messenger the program's guide itself (self.guide = AutoNormalMessenger(self.model)), so that "
+                    "Pyro traces it as a GuideMessenger")
         if self.enumerated and is_guide_messenger(guide):
             raise ScoringError("Pyro's TraceEnum_ELBO does not run a GuideMessenger guide, so a program that "
                                "enumerates cannot have one; write the guide as a function or an AutoGuide")
@@ -148,7 +158,9 @@ class Scorer:
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, (), kwargs)
         _refuse_unguided(model_trace, guide_trace)
         latents = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
-        if len(latents) == 1 and latents[0]["name"] in model_trace.nodes and latents[0]["fn"].has_rsample:
+        shared = [s for s in latents if s["name"] in model_trace.nodes]
+        if len(shared) == 1 and all(s["fn"].has_rsample for s in latents) and \
+                all(s["infer"].get("is_auxiliary") for s in latents if s is not shared[0]):
             # Pyro's mean-field ELBO: the site's KL in closed form where one exists
             _, surrogate = TraceMeanField_ELBO()._differentiable_loss_particle(model_trace, guide_trace)
             self.estimator = "meanfield"
@@ -166,6 +178,9 @@ class Scorer:
         """Per-image ``log_lik``, ``kl`` and ``elbo`` of the batch ``x`` (one draw each), for
         a data set of ``num_data`` images; ``elbo`` alone for a model that enumerates."""
         kwargs = {"x": x, "num_data": num_data, **kwargs}
+        if not _takes(model, "num_data"):  # a bare model: each batch is its own data set
+            del kwargs["num_data"]
+            num_data = x.shape[0]
         if self.max_plate_nesting is None:
             self._inspect(model, guide, kwargs)
         if self.model_enumerates:
@@ -174,7 +189,9 @@ class Scorer:
 
     def _split(self, model, guide, batch, num_data, kwargs, shared, device):
         weights = PerImageWeights(batch, device, shared=shared)
-        with torch.enable_grad(), weights:
+        with torch.enable_grad(), weights, warnings.catch_warnings():
+            # Pyro reads each enumerated site's scale as a float to check they agree
+            warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True to a scalar")
             value = self.elbo(model, guide, **kwargs)
         parts = [torch.zeros_like(w) for w in weights.weights()]
         if isinstance(value, torch.Tensor) and value.requires_grad:
@@ -195,6 +212,32 @@ class Scorer:
                    for k, v in kwargs.items()}
             out.append(self._split(model, guide, 1, num_data, one, shared=True, device=x.device)["elbo"])
         return {"elbo": torch.cat(out)}
+
+
+def _takes(fn, name: str) -> bool:
+    params = inspect.signature(poutine.unwrap(fn)).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _plain_traces(model, guide, kwargs):
+    """One run of guide and model, without enumeration and without a gradient, its random
+    draws taken from a fork (so the caller's stream is untouched)."""
+    with poutine.block(), torch.no_grad(), forked_rng(0):
+        guide_trace = poutine.trace(guide).get_trace(**kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**kwargs)
+    return model_trace, guide_trace
+
+
+def _depth(model_trace, guide_trace) -> int:
+    dims = [frame.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+            if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
+    return -min(dims) if dims else 0
+
+
+def plate_depth(model, guide, **kwargs) -> int:
+    """How many vectorised plates the program nests (Pyro's ``max_plate_nesting``), read
+    from one run of it, as Pyro's ELBOs guess it: a particles plate goes left of them all."""
+    return _depth(*_plain_traces(model, guide, kwargs))
 
 
 def _refuse_unguided(model_trace, guide_trace) -> None:

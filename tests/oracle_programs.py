@@ -30,7 +30,7 @@ def _flat(x):
     return x.reshape(x.shape[0], -1)
 
 
-class _Encoded(nn.Module):
+class _Networks(nn.Module):
     """An encoder and a decoder; ``check_data`` so every engine runs (and records) the steps."""
 
     def __init__(self, z_dim=Z):
@@ -41,6 +41,10 @@ class _Encoded(nn.Module):
     def check_data(self, x, what="data"):
         if not ((x == 0) | (x == 1)).all():
             raise ValueError(f"{what} must be binary")
+
+
+class _Encoded(_Networks):
+    """The amortised Gaussian guide q(z | x)."""
 
     def guide(self, x, *, num_data=None):
         pyro.module("encoder", self.encoder)
@@ -144,7 +148,7 @@ class BayesianLayerAutoguide(_Encoded):
         super().guide(x, num_data=num_data)
 
 
-class _Plain(_Encoded):
+class _Plain(_Networks):
     def model(self, x, *, num_data=None, index=None):
         pyro.module("decoder", self.decoder)
         x = _flat(x)
@@ -167,8 +171,19 @@ class PerImageAutoNormal(_Plain):
 
 
 class Messenger(_Plain):
-    """Pyro's ``AutoNormalMessenger`` (a ``GuideMessenger``: it runs the model itself), amortised
-    over the data plate: one Gaussian shared by every image."""
+    """Pyro's ``AutoNormalMessenger`` (a ``GuideMessenger``: it runs the model itself),
+    amortised over the data plate (one Gaussian shared by every image). The messenger is
+    the program's ``guide`` itself, so Pyro's ELBOs see it and trace it as they should."""
+
+    def __init__(self):
+        super().__init__()
+        del self.encoder
+        self.guide = AutoNormalMessenger(self.model, amortized_plates=("data",))
+
+
+class MessengerInAMethod(_Plain):
+    """The same guide called from a method: Pyro's ELBOs cannot see that it runs the model,
+    and would score the observed x as a guide site. Refused, with the fix."""
 
     def __init__(self):
         super().__init__()
@@ -277,3 +292,8 @@ PROGRAMS = {
 }
 
 ESTIMATOR = {"discrete-enumerated": "traceenum", "discrete-sampled": "tracegraph", "model-enumerated": "traceenum"}
+
+# Valid Pyro, but not scoreable as written: refused at once, the message naming the fix
+REFUSED = {
+    "messenger-in-a-method": (_seeded(MessengerInAMethod), "the program's guide itself"),
+}

@@ -154,7 +154,7 @@ def test_guide_sites_the_model_lacks_count_as_auxiliary_not_as_errors():
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+            pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0), infer={"is_auxiliary": True})
             pyro.sample("z", dist.Normal(loc, scale))
 
     x = torch.tensor([0.1, 2.0], dtype=torch.float64)

@@ -11,9 +11,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 
 from pyro_vae.evaluate import batch_elbo_terms
-from pyro_vae.scoring import Scorer
+from pyro_vae.scoring import Scorer, ScoringError
 
-from oracle_programs import ESTIMATOR, PROGRAMS, SHAPE, labels_of
+from oracle_programs import ESTIMATOR, PROGRAMS, REFUSED, SHAPE, labels_of
 
 N = 24
 PYRO_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "traceenum": TraceEnum_ELBO,
@@ -57,3 +57,11 @@ def test_the_reported_elbo_is_pyros_elbo_of_the_data_set(name):
     assert float(terms["elbo"].double().sum()) == pytest.approx(-loss, rel=1e-5, abs=1e-3)
     if "log_lik" in terms:  # the two terms add up to the ELBO, image by image
         torch.testing.assert_close(terms["log_lik"] - terms["kl"], terms["elbo"])
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_program_that_cannot_be_scored_is_refused_with_the_reason(name):
+    build, reason = REFUSED[name]
+    program = build()
+    with pytest.raises(ScoringError, match=reason):
+        batch_elbo_terms(program.model, program.guide, **call_args(program, images()))

@@ -42,6 +42,7 @@ from typing import Sequence
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
 from ..registry import Registry
 
@@ -96,7 +97,9 @@ class ProgramCall:
         if not isinstance(program, torch.nn.Module):
             raise TypeError(f"a program must be a torch.nn.Module that owns its learned tensors, "
                             f"got {type(program).__name__}")
-        model, guide = (_arguments(getattr(program, name)) for name in ("model", "guide"))
+        model = _arguments(program.model)
+        # a GuideMessenger guide (AutoNormalMessenger) calls the model with its own arguments
+        guide = model if isinstance(poutine.unwrap(program.guide), Messenger) else _arguments(program.guide)
         self.takes = {}
         for arg in ("y", "num_data", "kl_weight", "index"):
             if (arg in model) != (arg in guide):
