@@ -83,17 +83,22 @@ def batch_elbo_terms(model, guide, x: torch.Tensor, num_data: int | None = None,
 
 
 def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed: int | None = 0,
-               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               labels: torch.Tensor | None = None, num_data: int | None = None,
+               index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms over a whole data set, batched; values are tensors ``(N,)``.
 
-    The program is told the data set's size N, so the mean of ``elbo`` is Pyro's ELBO of
-    the data set divided by N (:func:`batch_elbo_terms`). ``labels``, when given, reach
-    the program as ``y`` (for programs that take it)."""
+    The program is told the data set's size N (``num_data``, by default the number of
+    ``images``), so the mean of ``elbo`` is Pyro's ELBO of the data set divided by N
+    (:func:`batch_elbo_terms`). ``labels``, when given, reach the program as ``y``, and
+    ``index`` (the images' positions in the data set) as ``index``."""
     out: dict[str, list[torch.Tensor]] = {}
     scorer = Scorer()
+    num_data = images.shape[0] if num_data is None else int(num_data)
     with forked_rng(seed), torch.no_grad():
-        for x, extra in _batches(images, labels, batch_size):
-            for k, v in scorer.terms(model, guide, x, images.shape[0], **extra).items():
+        for start, (x, extra) in zip(range(0, images.shape[0], batch_size), _batches(images, labels, batch_size)):
+            if index is not None:
+                extra["index"] = index[start : start + batch_size]
+            for k, v in scorer.terms(model, guide, x, num_data, **extra).items():
                 out.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}
 

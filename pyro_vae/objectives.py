@@ -29,7 +29,9 @@ import math
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.traceenum_elbo import _compute_dice_elbo
+from pyro.infer.tracegraph_elbo import _compute_elbo as _compute_graph_elbo
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, warn_if_nan
@@ -132,6 +134,43 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
             if site["name"] not in model_trace.nodes:  # auxiliary guide variables
                 terms.append(-site["log_prob_sum"])
         return _total(terms), None
+
+
+@ESTIMATORS.register("traceenum", "TraceEnum_ELBO: sites marked infer={'enumerate': 'parallel'} summed out exactly "
+                                  "(discrete latents)")
+class OnDeviceTraceEnum_ELBO(TraceEnum_ELBO):
+    r""":class:`pyro.infer.TraceEnum_ELBO` whose differentiable loss stays on the device.
+
+    Each particle's ELBO is Pyro's DiCE estimate (``_compute_dice_elbo``): the sites marked
+    for enumeration, in the guide (``config_enumerate``) or the model, summed over their
+    values exactly, the others sampled. Pyro's own ``differentiable_loss`` is this sum
+    with a NaN check that reads the value back to the host; here the loop reads nothing
+    (the engines check for NaN themselves, before the optimiser moves)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbos = [_compute_dice_elbo(model_trace, guide_trace)
+                 for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs)]
+        total = _total(elbos)
+        return -total / self.num_particles if self.num_particles > 1 else -total
+
+
+@ESTIMATORS.register("tracegraph", "TraceGraph_ELBO: score-function gradients with downstream costs only, for "
+                                   "latents drawn without reparameterisation")
+class OnDeviceTraceGraph_ELBO(TraceGraph_ELBO):
+    r""":class:`pyro.infer.TraceGraph_ELBO` whose differentiable loss stays on the device.
+
+    The value is minus Pyro's ELBO estimate and the gradient that of Pyro's surrogate
+    loss (each non-reparameterised site's score function times its downstream cost, the
+    variance reduction of Schulman et al. 2015), joined without reading either back to
+    the host (Pyro's own version reads the surrogate's value)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        losses = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo, surrogate = _compute_graph_elbo(model_trace, guide_trace)
+            losses.append(-elbo.detach() + (surrogate - surrogate.detach()))
+        total = _total(losses)
+        return total / self.num_particles if self.num_particles > 1 else total
 
 
 class EstimatorNotApplicable(ValueError):

@@ -165,6 +165,15 @@ def build_program(config: RunConfig, image_shape, run_dir: Path, program=None):
 
 def call_factory(spec: str) -> torch.nn.Module:
     """Import ``package.module:function`` (or ``path/to/file.py:function``) and call it."""
+    factory = _factory_function(spec)
+    program = factory()
+    if not isinstance(program, torch.nn.Module):
+        raise TypeError(f"the program factory {spec!r} returned a {type(program).__name__}, not a torch.nn.Module")
+    return program
+
+
+def _factory_function(spec: str):
+    """The function ``package.module:function`` (or ``path/to/file.py:function``) names, its module imported."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise ValueError(f"a program factory is 'package.module:function' or 'path/to/file.py:function', got {spec!r}")
@@ -174,18 +183,17 @@ def call_factory(spec: str) -> torch.nn.Module:
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {where}")
             module_spec = importlib.util.spec_from_file_location(f"pyro_vae_factory_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
+            module = sys.modules.get(module_spec.name)
+            if getattr(module, "__file__", None) != module_spec.origin:  # imported once per process
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[module_spec.name] = module
+                module_spec.loader.exec_module(module)
         else:
             module = _import_here_too(where)
         factory = getattr(module, name)
     except (ImportError, AttributeError, FileNotFoundError) as err:
         raise ValueError(f"cannot load the program factory {spec!r}: {err}") from err
-    program = factory()
-    if not isinstance(program, torch.nn.Module):
-        raise TypeError(f"the program factory {spec!r} returned a {type(program).__name__}, not a torch.nn.Module")
-    return program
+    return factory
 
 
 def _import_here_too(name: str):
@@ -263,6 +271,14 @@ def versions(device: torch.device) -> dict[str, str]:
 
 
 def config_from(state: dict, run_dir: Path) -> RunConfig:
+    """The run's configuration, checked against the registries. The module of a recorded
+    factory is imported first: what it registers (an estimator of its own) is then known."""
+    factory = state.get("config", {}).get("model", {}).get("factory") if isinstance(state.get("config"), dict) else None
+    if isinstance(factory, str):
+        try:
+            _factory_function(factory)
+        except ValueError:
+            pass  # reported where the program is built, with the run's folder
     try:
         return RunConfig.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as err:
@@ -270,12 +286,31 @@ def config_from(state: dict, run_dir: Path) -> RunConfig:
 
 
 def load_weights(program: torch.nn.Module, state: dict, run_dir: Path) -> None:
+    """Load the checkpoint's weights into ``program``. Parameters the program creates on
+    its first call (Pyro's autoguides) are created first, by one call on a batch of one
+    blank image of the run's shape, told the training set's size."""
+    if not set(state["model"]) <= set(program.state_dict()):
+        _create_lazy_parameters(program, state)
     try:
         program.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
         raise checkpoint.CheckpointError(
             f"the weights in {run_dir} do not fit the program its configuration describes: {err}"
         ) from err
+
+
+def _create_lazy_parameters(program: torch.nn.Module, state: dict) -> None:
+    from .models import ProgramCall
+    from .rng import forked_rng
+    from .scoring import plate_depth
+
+    call = ProgramCall(program)
+    device = next(iter(program.parameters()), torch.zeros(())).device
+    x = torch.zeros((1, *state["image_shape"]), device=device)
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    kwargs = call.kwargs({"x": x, "y": one, "index": one}, num_data=int(state.get("num_data", 1)))
+    with pyro.get_param_store().scope(), forked_rng(0), torch.no_grad(), pyro.validation_enabled(False):
+        plate_depth(program.model, program.guide, **kwargs)
 
 
 def write_json(path: Path, obj) -> None:

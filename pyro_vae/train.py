@@ -35,6 +35,7 @@ from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConf
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
 from .models import ProgramCall
+from .scoring import plate_depth
 from .objectives import build_elbo, kl_weight, training_program
 from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
                    build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
@@ -224,6 +225,18 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if state is None and initialize is not None:
         # dynamically binarised images are the grey ones in expectation
         initialize(training_set.data.images if training_set.dynamic else training_set.images(0))
+    n = len(training_set)
+
+    def batch_of(images, labels, idx, weight):
+        index = idx if isinstance(idx, torch.Tensor) else torch.arange(n, device=device)[idx]
+        tensors = {"x": images[idx], "y": None if labels is None else labels[idx], "index": index}
+        return call.kwargs(tensors, num_data=n, kl_weight=weight)
+
+    model, guide = training_program(program, cfg.objective)
+    first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
+    # parameters a program creates on its first call (Pyro's autoguides) exist from here
+    # on: before the optimiser is built and before a checkpoint's weights are loaded
+    depth = materialize(program, model, guide, first_batch)
     if state is not None:
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
@@ -234,14 +247,12 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if group is not None:
         group.broadcast_module_(program)  # identical starting points, whatever each rank built
         _rank_streams(group, cfg.seed, state, log)
-    n = len(training_set)
     num_steps = math.ceil(n / cfg.batch_size)
     if state is not None and state["epoch"] >= cfg.epochs:
         log(f"{run_dir} has finished its {state['epoch']} epochs; there is nothing to train. To train longer: "
             f"pyro-vae train --resume {run_dir} --epochs N (N > {state['epoch']})")
         return Run(program, config, run_dir, device, state["epoch"])
 
-    model, guide = training_program(program, cfg.objective)
     # With the program's own data check, each epoch's data is checked whole before its
     # steps, so the steps run with Pyro's validation off: per step it would re-check the
     # same pixels, and on CUDA every check is a host synchronisation.
@@ -249,7 +260,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if validate:
         log(f"note: {type(program).__name__} has no check_data(x), so every step runs with Pyro's validation on "
             "(and eagerly); define check_data to check each epoch's data once instead")
-    engine = build_engine(cfg.engine, program, model, guide, build_elbo(cfg.estimator, cfg.num_particles), cfg.lr,
+    engine = build_engine(cfg.engine, program, model, guide, build_elbo(cfg.estimator, cfg.num_particles, depth), cfg.lr,
                           validate=validate)
     if group is not None:
         engine.distribute(group, program)
@@ -266,13 +277,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         where = f"epoch {at['epoch'] + 1}, step {at['step']}" if at["step"] else f"epoch {at['epoch']}"
         log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
 
-    def batch_of(images, labels, idx, weight):
-        tensors = {"x": images[idx], "y": None if labels is None else labels[idx]}
-        return call.kwargs(tensors, num_data=n, kl_weight=weight)
-
     with pyro.get_param_store().scope(), _StopRequests() as stop:
         with rng.forked_rng(CHECK_SEED):
-            first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
             check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
         if state is None and leader:
             held.enter_context(_new_run_dir(run_dir, overwrite))
@@ -296,7 +302,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                 return
             payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
                        "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
-                       "image_shape": list(train_data.image_shape)}
+                       "image_shape": list(train_data.image_shape), "num_data": n}
             if device.type == "cpu":  # the form its values were computed with, for an exact resume
                 payload["softplus"] = networks.cpu_softplus_form()
             if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
@@ -361,8 +367,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             engine.check()
             if leader:
                 record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
-                                            None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg))
-                if test_data is not None:
+                                            None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg, num_data=n))
+                if test_data is not None and not call.takes["index"]:
                     record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
                 record["seconds"] = seconds
                 with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, saved,
@@ -375,6 +381,15 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             if leader:
                 log(_epoch_line(record, cfg, program))
     return Run(program, config, run_dir, device, cfg.epochs)
+
+
+def materialize(program, model, guide, batch: dict) -> int:
+    """Run guide and model once on ``batch`` (without a gradient, with forked random draws
+    and a param store of their own), so that parameters a program creates on its first
+    call, as Pyro's autoguides do, exist; returns the program's plate depth."""
+    with pyro.get_param_store().scope(), rng.forked_rng(CHECK_SEED), torch.no_grad(), \
+            pyro.validation_enabled(False):
+        return plate_depth(model, guide, **batch)
 
 
 def _leader() -> bool:
@@ -408,15 +423,23 @@ def _peer_message(err, saved, run_dir) -> str:
             f"torchrun ... -m pyro_vae train --resume {run_dir}")
 
 
-def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg) -> dict[str, float]:
+def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg, num_data: int | None = None
+                  ) -> dict[str, float]:
     """The true ELBO (KL weight 1, whatever the training objective) and its two terms,
     in nats per image, at a fixed evaluation seed. A program whose guide is a point mass
-    (the autoencoder) has no ELBO: only its reconstruction term is reported."""
-    labels = labels if ProgramCall(program).takes["y"] else None
+    (the autoencoder) has no ELBO: only its reconstruction term is reported.
+
+    ``num_data``: the size of the data set ``images`` open (the training set, of which
+    the first images are scored); they are its first positions for a program that
+    takes ``index`` (parameters per data point, which test images do not have)."""
+    call = ProgramCall(program)
+    labels = labels if call.takes["y"] else None
+    index = torch.arange(images.shape[0], device=images.device) if call.takes["index"] else None
     # the images were checked when training started; Pyro's validation would check them again at every batch
     validate = is_validation_enabled() and getattr(program, "check_data", None) is None
     with pyro.get_param_store().scope(), pyro.validation_enabled(validate):
-        terms = elbo_terms(program.model, program.guide, images, cfg.eval_batch_size, seed=EVAL_SEED, labels=labels)
+        terms = elbo_terms(program.model, program.guide, images, cfg.eval_batch_size, seed=EVAL_SEED, labels=labels,
+                           num_data=num_data, index=index)
     if getattr(program, "point_estimate", False):
         terms = {"log_lik": terms["log_lik"]}
     return {f"{split}_{k}": Estimate.of(v).mean for k, v in terms.items()}
@@ -427,11 +450,12 @@ def _epoch_line(record: dict, cfg, program) -> str:
     for split in ("train", "test"):
         if f"{split}_elbo" in record:
             parts.append(f"{split} elbo {record[f'{split}_elbo']:9.3f}")
-    split = "test" if "test_log_lik" in record else "train"
-    parts.append(f"({split} log-lik {record[f'{split}_log_lik']:9.3f}")
-    if f"{split}_kl" in record:
-        parts[-1] += f", kl {record[f'{split}_kl']:7.3f}"
-    parts[-1] += ")"
+    split = "test" if "test_elbo" in record or "test_log_lik" in record else "train"
+    if f"{split}_log_lik" in record:  # (a model that sums a latent out has no split of its ELBO)
+        parts.append(f"({split} log-lik {record[f'{split}_log_lik']:9.3f}")
+        if f"{split}_kl" in record:
+            parts[-1] += f", kl {record[f'{split}_kl']:7.3f}"
+        parts[-1] += ")"
     if not getattr(program, "point_estimate", False):  # what the steps maximised, on the training minibatches
         parts.append(f"train {cfg.objective} ({cfg.estimator}, K={cfg.num_particles}) {record['train_objective']:9.3f}"
                      + (f" at kl weight {record['kl_weight']:.3g}" if record["kl_weight"] != 1.0 else ""))
