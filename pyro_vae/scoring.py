@@ -126,20 +126,12 @@ class Scorer:
         # one run of guide and model, without enumeration, as Pyro's ELBOs guess the plate
         # depth; its random draws are taken from a fork, so the scores' draws stay the caller's
         model_trace, guide_trace = _plain_traces(model, guide, kwargs)
+        check_guide(guide, guide_trace, kwargs)
         self.max_plate_nesting = _depth(model_trace, guide_trace)
         self.enumerated = enumerates(guide_trace) or enumerates(model_trace)
         self.model_enumerates = self.enumerated and any(
             site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
             and name not in guide_trace.nodes for name, site in model_trace.nodes.items())
-        if not is_guide_messenger(guide):
-            observed = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
-                        and site["is_observed"]]
-            if observed:
-                raise ScoringError(
-                    f"the guide observes {observed}: it runs the model (a GuideMessenger such as AutoNormalMessenger "
-                    "called from inside a method?), so Pyro's ELBOs would score the data as a guide site. Make the "
-                    "messenger the program's guide itself (self.guide = AutoNormalMessenger(self.model)), so that "
-                    "Pyro traces it as a GuideMessenger")
         if self.enumerated and is_guide_messenger(guide):
             raise ScoringError("Pyro's TraceEnum_ELBO does not run a GuideMessenger guide, so a program that "
                                "enumerates cannot have one; write the guide as a function or an AutoGuide")
@@ -236,8 +228,53 @@ def _depth(model_trace, guide_trace) -> int:
 
 def plate_depth(model, guide, **kwargs) -> int:
     """How many vectorised plates the program nests (Pyro's ``max_plate_nesting``), read
-    from one run of it, as Pyro's ELBOs guess it: a particles plate goes left of them all."""
-    return _depth(*_plain_traces(model, guide, kwargs))
+    from one run of it, as Pyro's ELBOs guess it: a particles plate goes left of them all.
+
+    The same run checks that the guide's ``"data"`` plate sees the images the call is
+    about (:func:`check_subsample`)."""
+    model_trace, guide_trace = _plain_traces(model, guide, kwargs)
+    check_guide(guide, guide_trace, kwargs)
+    return _depth(model_trace, guide_trace)
+
+
+def check_guide(guide, guide_trace, kwargs) -> None:
+    """Refuse a guide that Pyro's ELBOs would mis-score: one that observes data (a
+    ``GuideMessenger`` called from a method, which Pyro cannot see runs the model), or
+    whose ``"data"`` plate draws a subsample of its own (:func:`check_subsample`)."""
+    if not is_guide_messenger(guide):
+        observed = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                    and site["is_observed"]]
+        if observed:
+            raise ScoringError(
+                f"the guide observes {observed}: it runs the model (a GuideMessenger such as AutoNormalMessenger "
+                "called from inside a method?), so Pyro's ELBOs would score the data as a guide site. Make the "
+                "messenger the program's guide itself (self.guide = AutoNormalMessenger(self.model)), so that "
+                "Pyro traces it as a GuideMessenger")
+    check_subsample(guide_trace, kwargs)
+
+
+def check_subsample(guide_trace, kwargs) -> None:
+    """Refuse a guide whose ``"data"`` plate draws a subsample of its own.
+
+    A plate made without the minibatch's indices (``pyro.plate("data", N,
+    subsample_size=B)``, as an autoguide makes its plates unless given ``create_plates``)
+    picks B random data points at every call: per-data-point parameters then belong to
+    other images than the minibatch's, and every number is wrong without a sign."""
+    site = guide_trace.nodes.get(DATA_PLATE)
+    if site is None or not site_is_subsample(site) or "x" not in kwargs:
+        return
+    batch = kwargs["x"].shape[0]
+    wanted = kwargs.get("index")
+    if wanted is None:
+        wanted = torch.arange(batch, device=kwargs["x"].device)
+    value = site["value"]
+    if value.shape != wanted.shape or not torch.equal(value.to(wanted.device), wanted):
+        raise ScoringError(
+            "the guide's 'data' plate chose its own subsample of the data set, not the minibatch's images, so "
+            "parameters per data point would train on other images than their own. Give the plate the "
+            "minibatch's positions: take index=None in model and guide and open pyro_vae.models.data_plate(x, "
+            "num_data, index); for an autoguide, AutoNormal(model, create_plates=lambda x, num_data=None, "
+            "index=None, **kw: data_plate(x, num_data, index))")
 
 
 def _refuse_unguided(model_trace, guide_trace) -> None:

@@ -164,6 +164,24 @@ class PerImageAutoNormal(_Plain):
     def __init__(self):
         super().__init__()
         del self.encoder
+        # the autoguide's plate takes the minibatch's positions, as Pyro's create_plates allows
+        self.autoguide = AutoNormal(self.model, create_plates=_data_plate)
+
+    def guide(self, x, *, num_data=None, index=None):
+        return self.autoguide(x, num_data=num_data, index=index)
+
+
+def _data_plate(x, num_data=None, index=None):
+    return data_plate(_flat(x), num_data, index)
+
+
+class OwnSubsampleAutoNormal(_Plain):
+    """``AutoNormal`` per image without ``create_plates``: its plate draws random images of
+    its own, not the minibatch's. Refused, with the fix."""
+
+    def __init__(self):
+        super().__init__()
+        del self.encoder
         self.autoguide = AutoNormal(self.model)
 
     def guide(self, x, *, num_data=None, index=None):
@@ -277,23 +295,32 @@ def _seeded(cls, *args):
     return build
 
 
-PROGRAMS = {
-    "masked-site": _seeded(MaskedSite),
-    "obs-mask": _seeded(ObsMask),
-    "scaled-likelihood": _seeded(ScaledLikelihood),
-    "global-latent": _seeded(GlobalLatent),
-    "bayesian-layer-autoguide": _seeded(BayesianLayerAutoguide),
-    "per-image-autonormal": _seeded(PerImageAutoNormal),
-    "autonormal-messenger": _seeded(Messenger),
-    "discrete-enumerated": _seeded(DiscreteLatent, True),
-    "discrete-sampled": _seeded(DiscreteLatent, False),
-    "model-enumerated": _seeded(ModelEnumerated),
-    "conditional": _seeded(Conditional),
+# importable factories (oracle_programs:NAME), so runs of these programs load back
+masked_site = _seeded(MaskedSite)
+obs_mask = _seeded(ObsMask)
+scaled_likelihood = _seeded(ScaledLikelihood)
+global_latent = _seeded(GlobalLatent)
+bayesian_layer_autoguide = _seeded(BayesianLayerAutoguide)
+per_image_autonormal = _seeded(PerImageAutoNormal)
+autonormal_messenger = _seeded(Messenger)
+discrete_enumerated = _seeded(DiscreteLatent, True)
+discrete_sampled = _seeded(DiscreteLatent, False)
+model_enumerated = _seeded(ModelEnumerated)
+conditional = _seeded(Conditional)
+
+FACTORIES = {
+    "masked-site": "masked_site", "obs-mask": "obs_mask", "scaled-likelihood": "scaled_likelihood",
+    "global-latent": "global_latent", "bayesian-layer-autoguide": "bayesian_layer_autoguide",
+    "per-image-autonormal": "per_image_autonormal", "autonormal-messenger": "autonormal_messenger",
+    "discrete-enumerated": "discrete_enumerated", "discrete-sampled": "discrete_sampled",
+    "model-enumerated": "model_enumerated", "conditional": "conditional",
 }
+PROGRAMS = {name: globals()[factory] for name, factory in FACTORIES.items()}
 
 ESTIMATOR = {"discrete-enumerated": "traceenum", "discrete-sampled": "tracegraph", "model-enumerated": "traceenum"}
 
 # Valid Pyro, but not scoreable as written: refused at once, the message naming the fix
 REFUSED = {
     "messenger-in-a-method": (_seeded(MessengerInAMethod), "the program's guide itself"),
+    "autonormal-own-subsample": (_seeded(OwnSubsampleAutoNormal), "create_plates"),
 }
