@@ -127,22 +127,34 @@ class CapturedLoss:
         return list(self.module.parameters()), list(self.module.buffers())
 
     def _record(self, key, batch, static, dynamic):
-        names = [f"module.{name}" for name, _ in self.module.named_parameters()]
-        names += [f"module.{name}" for name, _ in self.module.named_buffers()]
+        params, buffers = self._tensors()
+        # every path to each tensor: a module reachable by two attribute paths (tied
+        # weights, an autoguide's wrapper) is substituted under all of them
+        paths: dict[int, list[str]] = {}
+        for name, t in [*self.module.named_parameters(remove_duplicate=False),
+                        *self.module.named_buffers(remove_duplicate=False)]:
+            paths.setdefault(id(t), []).append(f"module.{name}")
+        names = [paths[id(t)] for t in [*params, *buffers]]
         fixed = {name: value for name, value in static if value != "tensor"}
         program = _Program(self.module, self.loss_fn)
         batch_names, dynamic_names = list(batch), list(dynamic)
 
         def loss_of(*flat):
             # the recording sees the module's parameters and buffers as inputs, not constants
-            tensors = dict(zip(names, flat[: len(names)]))
+            tensors = {name: value for aliases, value in zip(names, flat[: len(names)]) for name in aliases}
             rest = dict(zip(batch_names + dynamic_names, flat[len(names):]))
             return torch.func.functional_call(program, tensors, (), {**rest, **fixed})
 
         hooked = _hooked_modules(self.module)
         if hooked:
             return self._run_eagerly(f"module(s) {', '.join(hooked)} have hooks, which a recording would not call")
-        params, buffers = self._tensors()
+        pyro_modules = _pyro_modules(self.module)
+        if pyro_modules:
+            return self._run_eagerly(
+                f"{', '.join(pyro_modules)} {'is a' if len(pyro_modules) == 1 else 'are'} PyroModule(s) (as Pyro's "
+                "autoguides are), whose parameters are read through Pyro's param store, where a recording cannot "
+                "substitute them")
+        saved = _module_state(self.module)
         try:
             # An empty decomposition table keeps every op as it ran; the default one writes
             # ``detach`` as ``alias``, and a replay would then differentiate through the
@@ -152,6 +164,8 @@ class CapturedLoss:
         except Exception as err:  # noqa: BLE001 - any failure means: run this program eagerly
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return self._run_eagerly(reason, err)
+        finally:  # never leave a fake tensor in the module, whatever the recording did
+            _restore_module_state(self.module, saved)
         _drop_identity_views(graph.graph)
         _write_linear_layers(graph.graph)
         graph.graph.eliminate_dead_code()
@@ -260,6 +274,27 @@ def _written_nodes(graph: torch.fx.Graph) -> set:
                     is_view = getattr(value.target, "is_view", False)
                     value = value.args[0] if is_view and value.args else None
     return written
+
+
+def _pyro_modules(module: torch.nn.Module) -> list[str]:
+    """Names of submodules that are Pyro ``PyroModule``s holding parameters of their own."""
+    from pyro.nn import PyroModule
+
+    return [name or type(sub).__name__ for name, sub in module.named_modules()
+            if isinstance(sub, PyroModule) and (sub._pyro_params or any(True for _ in sub.parameters(recurse=False)))]
+
+
+def _module_state(module: torch.nn.Module) -> list:
+    """Every submodule's own tables of parameters and buffers, copied (the tensors are not)."""
+    return [(sub, dict(sub._parameters), dict(sub._buffers)) for sub in module.modules()]
+
+
+def _restore_module_state(module: torch.nn.Module, saved: list) -> None:
+    for sub, params, buffers in saved:
+        sub._parameters.clear()
+        sub._parameters.update(params)
+        sub._buffers.clear()
+        sub._buffers.update(buffers)
 
 
 def _hooked_modules(module: torch.nn.Module) -> list[str]:

@@ -283,6 +283,23 @@ class Conditional(_Encoded):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
+class TiedDecoder(MaskedSite):
+    """The decoder reachable by two attribute paths (as tied weights and wrappers make it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = self.decoder
+
+
+class TiedValueReading(TiedDecoder):
+    """A tied decoder and a guide that reads a value: its recording fails half-way."""
+
+    def guide(self, x, *, num_data=None):
+        if float(self.alias.net[0].weight.sum()) > 1e9:
+            raise AssertionError("unreachable")
+        super().guide(x, num_data=num_data)
+
+
 def labels_of(images):
     """A label that is a function of the image, 0-3."""
     return _flat(images)[:, :4].sum(-1).long().clamp(max=3)
@@ -307,13 +324,14 @@ discrete_enumerated = _seeded(DiscreteLatent, True)
 discrete_sampled = _seeded(DiscreteLatent, False)
 model_enumerated = _seeded(ModelEnumerated)
 conditional = _seeded(Conditional)
+tied_decoder = _seeded(TiedDecoder)
 
 FACTORIES = {
     "masked-site": "masked_site", "obs-mask": "obs_mask", "scaled-likelihood": "scaled_likelihood",
     "global-latent": "global_latent", "bayesian-layer-autoguide": "bayesian_layer_autoguide",
     "per-image-autonormal": "per_image_autonormal", "autonormal-messenger": "autonormal_messenger",
     "discrete-enumerated": "discrete_enumerated", "discrete-sampled": "discrete_sampled",
-    "model-enumerated": "model_enumerated", "conditional": "conditional",
+    "model-enumerated": "model_enumerated", "conditional": "conditional", "tied-decoder": "tied_decoder",
 }
 PROGRAMS = {name: globals()[factory] for name, factory in FACTORIES.items()}
 
