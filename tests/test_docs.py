@@ -38,3 +38,16 @@ def test_the_extending_example_runs_as_printed(tmp_path, data_dir):
             assert "skipped dims:" in res.stdout and "latent.png" in res.stdout
     metrics = (tmp_path / "runs" / "mog" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [0, 1])
+def test_the_autoguide_and_enumeration_examples_run_as_printed(number, tmp_path):
+    code = re.findall(r"<!-- example -->\n```python\n(.*?)```", PAGE.read_text(), re.S)[number]
+    (tmp_path / "example.py").write_text(code)
+    res = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    if number == 0:  # the autoguide's parameters were created, trained and saved
+        assert "guide.locs.z_unconstrained" in res.stdout and "guide.scales.z_unconstrained" in res.stdout
+    else:  # an ELBO per image, with its spread
+        assert "+-" in res.stdout

@@ -98,8 +98,10 @@ class ProgramCall:
             raise TypeError(f"a program must be a torch.nn.Module that owns its learned tensors, "
                             f"got {type(program).__name__}")
         model = _arguments(program.model)
-        # a GuideMessenger guide (AutoNormalMessenger) calls the model with its own arguments
-        guide = model if isinstance(poutine.unwrap(program.guide), Messenger) else _arguments(program.guide)
+        # a guide that takes any arguments (Pyro's autoguides) is called with the model's;
+        # a GuideMessenger (AutoNormalMessenger) calls the model with them itself
+        guide = model if isinstance(poutine.unwrap(program.guide), Messenger) or _takes_anything(program.guide) \
+            else _arguments(program.guide)
         self.takes = {}
         for arg in ("y", "num_data", "kl_weight", "index"):
             if (arg in model) != (arg in guide):
@@ -128,6 +130,11 @@ class ProgramCall:
                 continue
             out[name] = value
         return out
+
+
+def _takes_anything(fn) -> bool:
+    params = inspect.signature(poutine.unwrap(fn)).parameters.values()
+    return all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) and len(params) > 0
 
 
 def _arguments(fn) -> set[str]:
