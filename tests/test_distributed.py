@@ -250,7 +250,16 @@ def _evaluation_worker(rank, port, kind, out):
     leave()
 
 
-@pytest.mark.parametrize("kind", ["vae", "extra-latent"])
+def test_a_latent_the_guide_does_not_sample_is_refused_by_importance_sampling():
+    """p(x, z, w) / q(z) at w drawn from its prior weights by p(w) once too often: no longer
+    computed (it was, before the scoring went through Pyro's traces), refused instead."""
+    from pyro_vae.objectives import ImportanceWeightError
+
+    with pytest.raises(ImportanceWeightError, match="latent site 'w' of the model is not sampled by the guide"):
+        log_px("extra-latent")
+
+
+@pytest.mark.parametrize("kind", ["vae"])
 def test_distributed_evaluation_is_the_single_process_one_value_for_value(kind, tmp_path):
     mp.spawn(_evaluation_worker, args=(free_port(), kind, str(tmp_path / "e")), nprocs=WORLD)
     single = log_px(kind)
