@@ -15,7 +15,7 @@ PAGE = REPO / "docs" / "extending.md"
 
 def blocks(marker: str) -> list[tuple[str, str]]:
     """``(argument, code)`` of each fenced block right after ``<!-- marker ... -->``."""
-    pattern = re.compile(r"<!-- " + marker + r":? ?(.*?) -->\n```\w*\n(.*?)```", re.S)
+    pattern = re.compile(r"<!-- " + marker + r":? ?([^\n]*?) -->\n```\w*\n(.*?)```", re.S)
     return pattern.findall(PAGE.read_text())
 
 
