@@ -128,24 +128,17 @@ class GlobalLatent(_Encoded):
         super().guide(x, num_data=num_data)
 
 
-class BayesianLayerAutoguide(_Encoded):
+class BayesianLayerAutoguide(GlobalLatent):
     """The Bayesian last layer with Pyro's ``AutoDiagonalNormal`` over W beside the amortised encoder."""
 
     def __init__(self):
         super().__init__()
+        del self.w_loc, self.w_log_scale
         self.w_guide = AutoDiagonalNormal(poutine.block(self.model, expose=["W"]))
-
-    def model(self, x, *, num_data=None):
-        pyro.module("decoder", self.decoder)
-        x = _flat(x)
-        w = pyro.sample("W", dist.Normal(torch.zeros(Z, D), 1.0).to_event(2))
-        with data_plate(x, num_data):
-            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z) + z @ w).to_event(1), obs=x)
 
     def guide(self, x, *, num_data=None):
         self.w_guide(x, num_data=num_data)
-        super().guide(x, num_data=num_data)
+        _Encoded.guide(self, x, num_data=num_data)
 
 
 class _Plain(_Networks):
