@@ -328,7 +328,9 @@ def cmd_evaluate(args) -> int:
     activity = _activity(run, test)
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
-        out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
+        out.update({k: {"mean": e.mean, "stderr": e.stderr, "mc_stderr": e.mc_stderr} for k, e in report.items()})
+        if report.notes:
+            out["notes"] = report.notes
         if activity is not None:
             out["active_units"] = {name: {"active": active_unit_counts({name: a})[name], "units": a.numel()}
                                    for name, a in activity.items()}
@@ -340,12 +342,15 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(out))
         return 0
     kind = "densities: nats per image of grey values in [0, 1]" if continuous else "nats per image"
-    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} test images ({kind}, mean +- s.e.)")
+    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} test images ({kind}; mean +- its s.e. over "
+          "the images, +- its Monte Carlo s.e. for these images)")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
         if continuous and key.startswith("log_px"):
             line += f"   = {bits_per_dim(est.mean, dims):.4f} +- {-bits_per_dim(est.stderr, dims):.4f} bits per dimension"
         print(line)
+    for note in report.notes:
+        print(f"  note: {note}")
     if activity is not None:
         counts = active_unit_counts(activity)
         print("  active units     " + ", ".join(f"{name} {counts[name]}/{a.numel()}" for name, a in activity.items())

@@ -144,3 +144,12 @@ def test_a_recording_that_fails_leaves_no_fake_tensor_in_the_module():
     assert loss.eager_reason is not None
     assert all(type(p) is torch.nn.Parameter for p in program.parameters())
     loss(x=x, num_data=N).backward()  # and the module still trains
+
+
+def test_evaluation_reports_the_elbo_of_a_global_latent_program_and_says_why_there_is_no_log_px():
+    from pyro_vae import evaluate_model
+
+    report = evaluate_model(PROGRAMS["global-latent"](), images(), num_samples=10, mc_repeats=3)
+    assert set(report) == {"elbo", "log_lik", "kl"}
+    assert report["elbo"].mc_stderr is not None and report["elbo"].mc_stderr > 0
+    assert len(report.notes) == 1 and "outside the 'data' plate" in report.notes[0]
