@@ -361,16 +361,16 @@ def cmd_evaluate(args) -> int:
 def cmd_gaps(args) -> int:
     from tqdm.auto import tqdm
 
-    from .posterior import inference_gaps, local_family
+    from .posterior import gap_family, inference_gaps
 
     run = _load(args.run_dir, args)
-    local_family(run.program)  # a clear error before any data loads
+    gap_family(run.program)  # a clear error before any data loads
     test = _test_data(run, args.limit)
     with tqdm(total=test.images.shape[0], desc="optimising q* per image", unit="img", disable=args.json,
               file=sys.stderr) as bar:
         gaps = inference_gaps(run.program, test.images, num_samples=args.num_samples, elbo_samples=args.num_samples,
                               batch_size=args.batch_size, seed=args.seed, progress=bar.update,
-                              max_steps=args.max_steps)
+                              max_steps=args.max_steps, labels=test.labels)
     report = gaps.report()
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": test.images.shape[0],

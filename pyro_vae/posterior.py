@@ -40,6 +40,7 @@ from torch.distributions import biject_to
 
 from .evaluate import Estimate, batch_log_weights, log_weights
 from .rng import forked_rng
+from .scoring import plate_depth
 
 
 class NoLocalFamily(ValueError):
@@ -83,6 +84,88 @@ def local_family(program) -> LocalFamily:
     return view()
 
 
+class SiteGaussians:
+    """The per-image family for a program without a ``local_family`` view: one diagonal
+    Gaussian per image over *all* its local latent sites jointly (independent across
+    sites and dimensions), each site on its own event shape. Its starting member for an
+    image matches the mean and standard deviation of ``start_draws`` draws of the
+    program's guide. Every local latent must take real values (a Gaussian cannot be a
+    class label or a positive scale); a site outside the ``"data"`` plate has no
+    per-image member.
+
+    With a guide richer than this family (a hierarchy q(z1|x) q(z2|z1), a flow), the
+    best member can score below the guide itself: the amortisation gap is then negative,
+    and measures the family rather than the amortisation."""
+
+    def __init__(self, program, start_draws: int = 200):
+        self.program = program
+        self.start_draws = start_draws
+        self.sites: list[tuple[str, int]] | None = None  # (name, event dims), read from the first batch
+
+    @property
+    def constraints(self) -> tuple:
+        from torch.distributions import constraints
+
+        return (constraints.real, constraints.positive) * len(self.sites)
+
+    def parameters(self, x: torch.Tensor, **extra) -> tuple[torch.Tensor, ...]:
+        from pyro.infer.enum import get_importance_trace
+
+        from .scoring import plate_depth
+
+        model, guide = self.program.model, self.program.guide
+        depth = plate_depth(model, guide, x=x, **extra)
+        particles = pyro.plate("particles", self.start_draws, dim=-1 - depth)
+        with torch.no_grad():
+            model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
+                                                            {"x": x, **extra})
+        sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+        self.sites = [(site["name"], _real_local_site(site, model_trace)) for site in sites]
+        params = []
+        for site in sites:
+            value = site["value"].double()
+            params += [value.mean(0), value.std(0).clamp(min=1e-6)]
+        return tuple(p.to(x.dtype if x.is_floating_point() else torch.get_default_dtype()) for p in params)
+
+    def guide(self, params):
+        sites = list(self.sites)
+
+        def guide(x, **_):
+            with pyro.plate("data", x.shape[0]):
+                for i, (name, event_dims) in enumerate(sites):
+                    pyro.sample(name, pyro.distributions.Normal(params[2 * i], params[2 * i + 1]).to_event(event_dims))
+
+        return guide
+
+
+def _real_local_site(site, model_trace) -> int:
+    """The event dims of a guide site the per-image Gaussians can stand in for, or a clear refusal."""
+    from torch.distributions import constraints
+
+    name = site["name"]
+    if not any(f.name == "data" for f in site["cond_indep_stack"]):
+        raise NoLocalFamily(f"latent site {name!r} lies outside the 'data' plate (a global latent): it has no "
+                            "per-image member, so the inference gaps per image are not defined for this program")
+    support = site["fn"].support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is not constraints.real or site["fn"].support.is_discrete:
+        raise NoLocalFamily(f"latent site {name!r} takes values in {site['fn'].support}, not the real numbers: the "
+                            "per-image Gaussians that stand in for a guide without a local_family() view cannot "
+                            "propose it")
+    return site["fn"].event_dim
+
+
+def gap_family(program):
+    """The family of q*: the program's ``local_family()`` view, else :class:`SiteGaussians`;
+    a guide that is a point mass has none."""
+    if getattr(program, "point_estimate", False):
+        return local_family(program)  # (raises, naming the point mass)
+    if getattr(program, "local_family", None) is not None:
+        return program.local_family()
+    return SiteGaussians(program)
+
+
 @contextlib.contextmanager
 def frozen(module: torch.nn.Module):
     """The module's parameters without gradients for the duration (the optimiser moves the guide's only)."""
@@ -98,28 +181,32 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def elbo_of(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500) -> torch.Tensor:
-    """Per-image ELBO ``E_q[log p(x, z) - log q(z)]`` from ``num_samples`` draws, ``(B,)``."""
+def elbo_of(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500, depth: int | None = None,
+            **extra) -> torch.Tensor:
+    """Per-image ELBO ``E_q[log p(x, z) - log q(z)]`` from ``num_samples`` draws, ``(B,)``;
+    ``extra`` (``y``) goes to model and guide."""
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for k0 in range(0, num_samples, chunk):
         k = min(chunk, num_samples - k0)
-        total += batch_log_weights(model, guide, x, k).double().sum(0)
+        total += batch_log_weights(model, guide, x, k, depth, **extra).double().sum(0)
     return total / num_samples
 
 
-def importance_log_px(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500) -> torch.Tensor:
+def importance_log_px(model, guide, x: torch.Tensor, num_samples: int, chunk: int = 500, depth: int | None = None,
+                      **extra) -> torch.Tensor:
     """Per-image ``log (1/K) sum_k p(x, z_k) / q(z_k)`` with z_k from ``guide``, ``(B,)``."""
     total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
     for k0 in range(0, num_samples, chunk):
         k = min(chunk, num_samples - k0)
-        total = torch.logaddexp(total, torch.logsumexp(batch_log_weights(model, guide, x, k).double(), 0))
+        total = torch.logaddexp(total, torch.logsumexp(batch_log_weights(model, guide, x, k, depth, **extra).double(),
+                                                       0))
     return total - math.log(num_samples)
 
 
 def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, samples: int = 100,
                              lr: float = 1e-2, round_steps: int = 100, max_steps: int = 5000, tolerance: float = 0.01,
                              decays: int = 3, check_samples: int = 500,
-                             seed: int = 0) -> tuple[tuple[torch.Tensor, ...], int]:
+                             seed: int = 0, extra: dict | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
     """lambda* per image: Adam on the ELBO of each image's own member of the family.
 
     Starts at the encoder's output; each step averages ``samples`` draws per image (the
@@ -129,9 +216,11 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
     that gains less than ``tolerance`` nats cuts the learning rate by 10 (Adam at a fixed
     rate circles the optimum at a distance set by the rate); after ``decays`` cuts, or
     ``max_steps`` steps, it stops. Returns the best parameters measured and the steps taken.
+    ``extra`` (the images' labels ``y``) goes to the model, and to the family's start.
     """
+    extra = extra or {}
     with torch.no_grad():
-        start = family.parameters(x)
+        start = family.parameters(x, **extra)
     transforms = [biject_to(c) for c in family.constraints]
     free = [t.inv(p.detach()).clone().requires_grad_(True) for t, p in zip(transforms, start)]
     optim = torch.optim.Adam(free, lr=lr)
@@ -139,15 +228,18 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
     def current():
         return tuple(t(u) for t, u in zip(transforms, free))
 
+    depth = plate_depth(program.model, family.guide(current()), x=x, **extra)
+
     def check() -> float:
         with torch.no_grad(), forked_rng(seed + 1):
-            return float(elbo_of(program.model, family.guide(current()), x, check_samples).mean())
+            return float(elbo_of(program.model, family.guide(current()), x, check_samples, depth=depth,
+                                 **extra).mean())
 
     best_value, best, steps, cuts = check(), tuple(p.detach() for p in current()), 0, 0
     with frozen(program), forked_rng(seed):
         while steps < max_steps:
             for _ in range(round_steps):
-                log_w = log_weights(program.model, family.guide(current()), x, samples)
+                log_w = log_weights(program.model, family.guide(current()), x, samples, depth, **extra)
                 loss = -log_w.mean(0).sum()
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -196,26 +288,33 @@ class Gaps:
 
 
 def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, elbo_samples: int = 5000,
-                   batch_size: int = 100, seed: int = 0, progress=None, **optimize) -> Gaps:
+                   batch_size: int = 100, seed: int = 0, progress=None, labels: torch.Tensor | None = None,
+                   **optimize) -> Gaps:
     """log p(x), L[q] and L[q*] of every image (module docstring); ``optimize`` goes to
-    :func:`optimal_local_parameters`."""
+    :func:`optimal_local_parameters`. q* is a member of :func:`gap_family`: the program's
+    ``local_family()`` view, else per-image Gaussians over all its local latent sites
+    (:class:`SiteGaussians`). ``labels`` reach programs that take ``y``."""
+    from .models import ProgramCall
+
     if num_samples < 1 or elbo_samples < 1:
         raise ValueError(f"num_samples and elbo_samples must be at least 1, got {num_samples} and {elbo_samples}")
-    family = local_family(program)
+    family = gap_family(program)
+    labels = labels if ProgramCall(program).takes["y"] else None
     parts: dict[str, list[torch.Tensor]] = {"log_px": [], "elbo_amortized": [], "elbo_optimal": []}
     steps = []
     with pyro.get_param_store().scope():
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size]
+            extra = {} if labels is None else {"y": labels[start : start + batch_size]}
             batch_seed = seed + start  # noise of each batch from its position: any --limit gives the same values
             with torch.no_grad(), forked_rng(batch_seed):
-                parts["elbo_amortized"].append(elbo_of(program.model, program.guide, x, elbo_samples))
-            best, taken = optimal_local_parameters(program, family, x, seed=batch_seed, **optimize)
+                parts["elbo_amortized"].append(elbo_of(program.model, program.guide, x, elbo_samples, **extra))
+            best, taken = optimal_local_parameters(program, family, x, seed=batch_seed, extra=extra, **optimize)
             steps.append(taken)
             optimal = family.guide(best)
             with torch.no_grad(), forked_rng(batch_seed + 2):
-                parts["elbo_optimal"].append(elbo_of(program.model, optimal, x, elbo_samples))
-                parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples))
+                parts["elbo_optimal"].append(elbo_of(program.model, optimal, x, elbo_samples, **extra))
+                parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples, **extra))
             if progress is not None:
                 progress(x.shape[0])
     return Gaps(*(torch.cat(parts[k]) for k in ("log_px", "elbo_amortized", "elbo_optimal")), steps)
