@@ -418,8 +418,14 @@ def _activity(run, test):
 def cmd_sample(args) -> int:
     from .plots import save_sample_grid
 
+    from .views import takes_labels
+
     run = _load(args.run_dir, args)
-    path = save_sample_grid(run.program, args.out or run.run_dir / "samples.png", args.num, args.nrow, args.seed)
+    decode = getattr(run.program, "decode", None)
+    # a conditional program decodes each draw with a label: those of the first test images
+    labels = _test_data(run, args.num).labels if decode is not None and takes_labels(decode) else None
+    path = save_sample_grid(run.program, args.out or run.run_dir / "samples.png", args.num, args.nrow, args.seed,
+                            labels=labels)
     print(f"wrote {path}")
     return 0
 
@@ -428,8 +434,9 @@ def cmd_reconstruct(args) -> int:
     from .plots import save_reconstruction_grid
 
     run = _load(args.run_dir, args)
-    images = _test_data(run, args.num).images
-    path = save_reconstruction_grid(run.program, images, args.out or run.run_dir / "reconstructions.png", args.nrow)
+    test = _test_data(run, args.num)
+    path = save_reconstruction_grid(run.program, test.images, args.out or run.run_dir / "reconstructions.png",
+                                    args.nrow, labels=test.labels)
     print(f"wrote {path}")
     return 0
 

@@ -31,7 +31,8 @@ from .capture import CaptureError, CapturedLoss
 from .objectives import log_densities, sample_sites
 from .rng import forked_rng
 from .scoring import Scorer, plate_depth
-from .views import ViewUnavailable, posterior_means, require, standard_normal_prior
+from .views import ViewUnavailable, labels_for, posterior_means, require, standard_normal_prior
+from .views import call as view
 
 
 @dataclass(frozen=True)
@@ -373,18 +374,21 @@ def bits_per_dim(log_px_nats: float, num_dims: int) -> float:
 
 
 @torch.no_grad()
-def _posterior_params(program, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _posterior_params(program, images: torch.Tensor, batch_size: int,
+                      labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loc, scale) of q(z|x) for every image, each ``(N, z_dim)``, encoded in batches."""
     require(program, "encode", purpose="the KL per dimension")
     locs, scales = [], []
     for start in range(0, images.shape[0], batch_size):
-        loc, scale = program.encode(images[start : start + batch_size])
+        loc, scale = view(program, "encode", images[start : start + batch_size],
+                          y=labels_for(labels, slice(start, start + batch_size)))
         locs.append(loc)
         scales.append(scale)
     return torch.cat(locs), torch.cat(scales)
 
 
-def kl_per_dimension(program, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def kl_per_dimension(program, images: torch.Tensor, batch_size: int = 1000,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     r"""Analytic KL of each latent dimension of q(z|x) from the N(0, 1) prior, averaged over images.
 
     For the diagonal Gaussian guide ``q(z_d|x) = N(loc_d(x), scale_d(x)^2)`` (site ``"z"`` of
@@ -400,12 +404,13 @@ def kl_per_dimension(program, images: torch.Tensor, batch_size: int = 1000) -> t
     """
     if not standard_normal_prior(program):
         raise ViewUnavailable("the KL per dimension needs a N(0, I) prior; this program's prior is another")
-    loc, scale = _posterior_params(program, images, batch_size)
+    loc, scale = _posterior_params(program, images, batch_size, labels)
     kl = 0.5 * (loc.double() ** 2 + scale.double() ** 2 - 1.0) - scale.double().log()
     return kl.mean(0)
 
 
-def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> tuple[int, torch.Tensor]:
+def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000,
+                 labels: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
     r"""The number of active latent units and the per-dimension activity (Burda et al., 2015).
 
     Unit ``d`` is active when its posterior mean moves with the input,
@@ -419,7 +424,7 @@ def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_s
     ``(z_dim,)``. An inactive unit's posterior is the same for every x: it is unused, and
     typically collapsed onto the prior.
     """
-    loc = posterior_means(program, images, batch_size)
+    loc = posterior_means(program, images, batch_size, labels)
     activity = loc.double().var(0, unbiased=False)
     return int((activity > threshold).sum()), activity
 

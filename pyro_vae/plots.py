@@ -86,19 +86,21 @@ PRIOR_DRAWS = 10_000  # prior samples behind the manifold's grid when the prior 
 
 
 @torch.no_grad()
-def prior_samples(program, num: int, seed: int = 0) -> torch.Tensor:
-    """E[x|z] for ``num`` draws z ~ p(z) (the ``sample_prior`` view): images ``(num, *image_shape)``."""
+def prior_samples(program, num: int, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """E[x|z] for ``num`` draws z ~ p(z) (the ``sample_prior`` view): images ``(num, *image_shape)``.
+    A conditional program decodes draw i with ``labels[i]`` (the labels are cycled)."""
     views.require(program, "sample_prior", "decode", purpose="samples from the prior")
     with forked_rng(seed):
         z = program.sample_prior(num)
-    return program.decode(z)
+    y = None if labels is None else labels[torch.arange(num, device=labels.device) % labels.shape[0]]
+    return views.call(program, "decode", z, y=y)
 
 
 @torch.no_grad()
-def reconstructions(program, images: torch.Tensor) -> torch.Tensor:
+def reconstructions(program, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """E[x|z] at the posterior mean z = E_q[z|x], the usual picture of a reconstruction."""
     views.require(program, "posterior_mean", "decode", purpose="reconstructions")
-    return program.decode(program.posterior_mean(images))
+    return views.call(program, "decode", views.call(program, "posterior_mean", images, y=labels), y=labels)
 
 
 def pca(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +260,7 @@ def latent_figure(
     With 2-D codes drawn directly under a N(0, I) prior, the prior's 1- and 2-sigma
     circles are drawn as a yardstick.
     """
-    codes = posterior_means(program, images).cpu()
+    codes = posterior_means(program, images, labels=labels).cpu()
     xy, axis_labels = project_latents(codes, method, seed)
     fig, ax = plt.subplots(figsize=FIGSIZE["latent"], layout="constrained")
     direct = codes.shape[1] <= 2 and method in ("auto", "direct")
@@ -274,16 +276,18 @@ def latent_figure(
 
 
 def manifold_figure(program, path: str | Path, *, n: int = 20, seed: int = 0, title: str | None = None,
-                    pdf: bool = False) -> Path:
+                    pdf: bool = False, label: torch.Tensor | None = None) -> Path:
     """For z_dim = 2: the decoder mean E[x|z] at ``n x n`` latent points at prior quantiles
-    (:func:`prior_quantiles`), each image at its own aspect ratio."""
+    (:func:`prior_quantiles`), each image at its own aspect ratio. A conditional program
+    decodes every point with the one ``label`` (0-dim)."""
     views.require(program, "z_dim", "image_shape", "decode", purpose="the manifold figure")
     if program.z_dim != 2:
         raise ViewUnavailable(f"the manifold figure needs z_dim = 2; this program has z_dim = {program.z_dim}")
     z, how = prior_quantiles(program, n, seed)
     device, dtype = _tensor_home(program)
     with torch.no_grad():
-        images = program.decode(z.to(device, dtype)).float().cpu()
+        y = None if label is None else label.expand(z.shape[0])
+        images = views.call(program, "decode", z.to(device, dtype), y=y).float().cpu()
     c, h, w = program.image_shape
     grid = images.reshape(n, n, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, n * h, n * w)
     fig, ax = plt.subplots(figsize=FIGSIZE["manifold"], layout="constrained")
@@ -299,9 +303,10 @@ def manifold_figure(program, path: str | Path, *, n: int = 20, seed: int = 0, ti
 
 
 def samples_figure(program, path: str | Path, *, num: int = 64, nrow: int = 8, seed: int = 0,
-                   title: str | None = None, pdf: bool = False) -> Path:
-    """Images E[x|z] decoded from ``num`` prior draws z ~ p(z)."""
-    images = prior_samples(program, num, seed).float().cpu()
+                   title: str | None = None, pdf: bool = False, labels: torch.Tensor | None = None) -> Path:
+    """Images E[x|z] decoded from ``num`` prior draws z ~ p(z) (with ``labels``, for a
+    conditional program: draw i decoded with label i, cycled)."""
+    images = prior_samples(program, num, seed, labels).float().cpu()
     fig, ax = plt.subplots(figsize=FIGSIZE["samples"], layout="constrained")
     _imshow(ax, make_grid(images, nrow=nrow, padding=2, pad_value=PAD_VALUE))
     ax.set_axis_off()
@@ -311,13 +316,13 @@ def samples_figure(program, path: str | Path, *, num: int = 64, nrow: int = 8, s
 
 
 def reconstructions_figure(program, images: torch.Tensor, path: str | Path, *, nrow: int = 12, rows: int = 3,
-                           title: str | None = None, pdf: bool = False) -> Path:
+                           title: str | None = None, pdf: bool = False, labels: torch.Tensor | None = None) -> Path:
     """Test images, each row above a row of their reconstructions E[x | z = E_q[z|x]]."""
     views.require(program, "image_shape", purpose="the reconstructions figure")
     num = min(nrow * rows, images.shape[0])
     nrow = min(nrow, num)
     images = images[: num - num % nrow]
-    recon = reconstructions(program, images).float().cpu()
+    recon = reconstructions(program, images, views.labels_for(labels, slice(0, images.shape[0]))).float().cpu()
     images = images.reshape(-1, *program.image_shape).float().cpu()
     stacked = []
     for s in range(0, images.shape[0], nrow):
@@ -365,8 +370,10 @@ def interpolation_figure(
         rows = []
         for i, j in pairs:
             with torch.no_grad():
-                loc = program.posterior_mean(images[[i, j]])
-                path_images = program.decode(interpolate(loc[0], loc[1], steps, sph)).float().cpu()
+                loc = views.call(program, "posterior_mean", images[[i, j]], y=views.labels_for(labels, [i, j]))
+                codes = interpolate(loc[0], loc[1], steps, sph)  # decoded with x_a's label, when it takes one
+                path_images = views.call(program, "decode", codes,
+                                         y=views.labels_for(labels, i, codes.shape[0])).float().cpu()
             ends = images[[i, j]].reshape(2, *program.image_shape).float().cpu()
             rows.append(torch.cat([ends[:1], path_images, ends[1:]]))
         _imshow(ax, make_grid(torch.cat(rows), nrow=steps + 2, padding=2, pad_value=PAD_VALUE))
@@ -563,7 +570,7 @@ def kl_profile_figure(
 
 def posterior_figure(program, images: torch.Tensor, path: str | Path, *, num_images: int = 4,
                      nuts_samples: int = 1000, warmup: int = 500, seed: int = 0, pdf: bool = False,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, labels: torch.Tensor | None = None) -> Path:
     """For ``num_images`` test images of a z_dim = 2 program: draws of the true posterior
     p(z|x) (NUTS) against the contours of the encoder's q(z|x) and of the per-image optimum
     q*(z|x) of the same family (:mod:`pyro_vae.posterior`).
@@ -575,16 +582,18 @@ def posterior_figure(program, images: torch.Tensor, path: str | Path, *, num_ima
 
     family = local_family(program)
     x = images[:num_images]
+    extra = {} if labels is None or not views.takes_labels(program.model) else {"y": labels[:num_images]}
     with torch.no_grad():
-        amortized = family.parameters(x)
-    optimal, steps = optimal_local_parameters(program, family, x, seed=seed)
+        amortized = family.parameters(x, **extra)
+    optimal, steps = optimal_local_parameters(program, family, x, seed=seed, extra=extra)
     log(f"q* took {steps} Adam steps")
     n = x.shape[0]
     fig, axes = plt.subplots(1, n, figsize=figure_size("posterior", n), layout="constrained", squeeze=False)
     levels = np.exp(-0.5 * np.array([3.0, 2.0, 1.0]) ** 2)
     for i, ax in enumerate(axes[0]):
         log(f"NUTS on test image {i + 1} of {n}")
-        samples = nuts_posterior(program, x[i : i + 1], num_samples=nuts_samples, warmup=warmup, seed=seed + i).cpu()
+        samples = nuts_posterior(program, x[i : i + 1], num_samples=nuts_samples, warmup=warmup, seed=seed + i,
+                                 y=None if not extra else extra["y"][i : i + 1]).cpu()
         members = [family.distribution(*(p[i : i + 1] for p in params)) for params in (amortized, optimal)]
         with torch.no_grad():
             draws = torch.cat([samples] + [m.sample((500,)).reshape(500, 2).cpu() for m in members])
@@ -696,19 +705,19 @@ def _draw_latent(program, test, metrics, path, opt: _Options) -> Path:
 @FIGURES.register("manifold", "decoder means E[x|z] over a 20x20 grid of z at prior quantiles (z_dim = 2 only)")
 @needs("z_dim", "image_shape", "decode", check=_two_dimensional)
 def _draw_manifold(program, test, metrics, path, opt: _Options) -> Path:
-    return manifold_figure(program, path, seed=opt.seed, pdf=opt.pdf)
+    return manifold_figure(program, path, seed=opt.seed, pdf=opt.pdf, label=views.labels_for(test.labels, 0))
 
 
 @FIGURES.register("samples", "decoder means E[x|z] of 64 draws z ~ p(z)")
 @needs("sample_prior", "decode")
 def _draw_samples(program, test, metrics, path, opt: _Options) -> Path:
-    return samples_figure(program, path, seed=opt.seed, pdf=opt.pdf)
+    return samples_figure(program, path, seed=opt.seed, pdf=opt.pdf, labels=test.labels)
 
 
 @FIGURES.register("reconstructions", "test images above their reconstructions E[x | z = E_q[z|x]]")
 @needs("image_shape", "posterior_mean", "decode")
 def _draw_reconstructions(program, test, metrics, path, opt: _Options) -> Path:
-    return reconstructions_figure(program, test.images, path, pdf=opt.pdf)
+    return reconstructions_figure(program, test.images, path, pdf=opt.pdf, labels=test.labels)
 
 
 @FIGURES.register("interpolation", "decoded paths between the posterior means of pairs of test images "
@@ -722,10 +731,10 @@ def _draw_interpolation(program, test, metrics, path, opt: _Options) -> Path:
 @FIGURES.register("dims", "per latent dimension: q(z_d|x) of a few test images, KL from the prior, activity")
 @needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
 def _draw_dims(program, test, metrics, path, opt: _Options) -> Path:
-    kl = kl_per_dimension(program, test.images)
-    count, activity = active_units(program, test.images)
+    kl = kl_per_dimension(program, test.images, labels=test.labels)
+    count, activity = active_units(program, test.images, labels=test.labels)
     with torch.no_grad():
-        loc, scale = program.encode(test.images[:4])
+        loc, scale = views.call(program, "encode", test.images[:4], y=views.labels_for(test.labels, slice(0, 4)))
     opt.log(f"active units: {count} of {program.z_dim}")
     return dims_figure(loc, scale, kl, activity, path, pdf=opt.pdf)
 
@@ -741,7 +750,7 @@ def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
                                "optimum q*(z|x), for 4 test images (minutes: NUTS; only when asked for)")
 @needs("z_dim", "local_family", check=_two_dimensional, in_all=False)
 def _draw_posterior(program, test, metrics, path, opt: _Options) -> Path:
-    return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log)
+    return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log, labels=test.labels)
 
 
 KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all)  # the single-run kinds "all" draws, in order
@@ -805,7 +814,7 @@ def draw_figures(
                                     "(e.g. autoencoder, KL only, VAE)")
 @needs("z_dim", "posterior_mean", check=_two_dimensional)
 def _draw_comparison(named_programs, test, path, pdf) -> Path:
-    panels = [(name, posterior_means(program, test.images)) for name, program in named_programs]
+    panels = [(name, posterior_means(program, test.images, labels=test.labels)) for name, program in named_programs]
     circles = all(views.standard_normal_prior(program) for _, program in named_programs)
     return comparison_figure(panels, test.labels, path, classes=test.classes, prior_circles=circles, pdf=pdf)
 
@@ -813,7 +822,8 @@ def _draw_comparison(named_programs, test, path, pdf) -> Path:
 @COMPARISONS.register("kl-profile", "KL and activity per latent dimension of each run, sorted: posterior collapse")
 @needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
 def _draw_kl_profile(named_programs, test, path, pdf) -> Path:
-    profiles = [(name, kl_per_dimension(program, test.images), active_units(program, test.images)[1])
+    profiles = [(name, kl_per_dimension(program, test.images, labels=test.labels),
+                 active_units(program, test.images, labels=test.labels)[1])
                 for name, program in named_programs]
     return kl_profile_figure(profiles, path, pdf=pdf)
 
@@ -874,20 +884,24 @@ def default_run_name(config) -> str:
 # -- torchvision grids (pyro-vae sample / reconstruct) ---------------------------------------
 
 
-def save_sample_grid(program, path: str | Path, num: int = 64, nrow: int = 8, seed: int = 0) -> Path:
-    """E[x|z] of ``num`` prior draws as one image, ``nrow`` images per row."""
+def save_sample_grid(program, path: str | Path, num: int = 64, nrow: int = 8, seed: int = 0,
+                     labels: torch.Tensor | None = None) -> Path:
+    """E[x|z] of ``num`` prior draws as one image, ``nrow`` images per row (a conditional
+    program decodes draw i with ``labels[i]``, cycled)."""
     path = _writable(path)
-    save_image(prior_samples(program, num, seed).float().cpu(), path, nrow=nrow, padding=2, pad_value=PAD_VALUE)
+    save_image(prior_samples(program, num, seed, labels).float().cpu(), path, nrow=nrow, padding=2,
+               pad_value=PAD_VALUE)
     return path
 
 
-def save_reconstruction_grid(program, images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+def save_reconstruction_grid(program, images: torch.Tensor, path: str | Path, nrow: int = 8,
+                             labels: torch.Tensor | None = None) -> Path:
     """Rows of test images, each row followed by a row of their reconstructions."""
     views.require(program, "image_shape", purpose="a reconstruction grid")
     path = _writable(path)
     nrow = min(nrow, images.shape[0])
     images = images[: images.shape[0] - images.shape[0] % nrow]  # whole rows only
-    recon = reconstructions(program, images)
+    recon = reconstructions(program, images, views.labels_for(labels, slice(0, images.shape[0])))
     rows = []
     for start in range(0, images.shape[0], nrow):
         rows += [images[start : start + nrow], recon[start : start + nrow]]

@@ -321,13 +321,13 @@ def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, el
 
 
 def nuts_posterior(program, x: torch.Tensor, *, num_samples: int = 1000, warmup: int = 500, seed: int = 0,
-                   site: str = "z") -> torch.Tensor:
+                   site: str = "z", y: torch.Tensor | None = None) -> torch.Tensor:
     """Draws of the true posterior p(z|x) of one image ``x`` (shape ``(1, ...)``) by NUTS,
     ``(num_samples, z_dim)``: :class:`pyro.infer.MCMC` on the program's model with x observed."""
     from pyro.infer import MCMC, NUTS
 
-    def model():
-        return program.model(x, num_data=1)
+    def model():  # (y, the image's label, for a conditional program)
+        return program.model(x, num_data=1) if y is None else program.model(x, y=y, num_data=1)
 
     with pyro.get_param_store().scope(), frozen(program), forked_rng(seed):
         mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=True)

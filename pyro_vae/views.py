@@ -18,10 +18,14 @@ view                   what it returns                                        us
 ``local_family()``     the guide's per-image family, :class:`LocalFamily`      gaps, posterior
 =====================  =====================================================  ==========================
 
-What a program lacks is skipped, with a one-line reason (:func:`missing`).
+What a program lacks is skipped, with a one-line reason (:func:`missing`). A conditional
+program's views take the labels too (``posterior_mean(x, y)``, ``encode(x, y)``,
+``decode(z, y)``): :func:`call` passes ``y`` to a view whose signature has it.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pyro.distributions as dist
 import torch
@@ -68,9 +72,35 @@ def standard_normal_prior(program) -> bool:
     return bool((base.loc == 0).all()) and bool((base.scale == 1).all())
 
 
+def call(program, name: str, *args, y: torch.Tensor | None = None):
+    """``program.<name>(*args)``, with ``y=y`` when labels are given and the view takes ``y``."""
+    view = getattr(program, name)
+    if y is not None and takes_labels(view):
+        return view(*args, y=y)
+    return view(*args)
+
+
+def takes_labels(fn) -> bool:
+    """Whether a view (or a model) has a ``y`` parameter."""
+    try:
+        return "y" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def labels_for(labels: torch.Tensor | None, index, count: int | None = None) -> torch.Tensor | None:
+    """``labels[index]`` (None stays None); with ``count``, that one label repeated ``count`` times."""
+    if labels is None:
+        return None
+    picked = labels[index]
+    return picked.expand(count) if count is not None else picked
+
+
 @torch.no_grad()
-def posterior_means(program, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z|x] for every image: ``(N, z_dim)``, in batches."""
+def posterior_means(program, images: torch.Tensor, batch_size: int = 1000,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """E_q[z|x] for every image: ``(N, z_dim)``, in batches; ``labels`` reach a view that takes ``y``."""
     require(program, "posterior_mean", purpose="the posterior means")
-    return torch.cat([program.posterior_mean(images[s : s + batch_size])
+    return torch.cat([call(program, "posterior_mean", images[s : s + batch_size],
+                           y=labels_for(labels, slice(s, s + batch_size)))
                       for s in range(0, images.shape[0], batch_size)])

@@ -255,11 +255,32 @@ class ModelEnumerated(_Encoded):
 
 
 class Conditional(_Encoded):
-    """A conditional VAE: p(x | z, y) with y's embedding added to the logits, q(z | x, y)."""
+    """A conditional VAE: p(x | z, y) with y's embedding added to the logits, q(z | x, y);
+    its views take y too, and record what they were given."""
+
+    z_dim, image_shape = Z, SHAPE
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(4, D)
+        self.view_labels = []  # the y of every view call (None when called without)
+
+    def encode(self, x, y=None):
+        self.view_labels.append(y)
+        return self.encoder(_flat(x) + 0.1 * self.embed(y))
+
+    def posterior_mean(self, x, y=None):
+        return self.encode(x, y)[0]
+
+    def decode(self, z, y=None):
+        self.view_labels.append(y)
+        return torch.sigmoid(self.decoder(z) + self.embed(y)).reshape(*z.shape[:-1], *SHAPE)
+
+    def sample_prior(self, num):
+        return self.prior().sample((num,))
+
+    def prior(self):
+        return dist.Normal(torch.zeros(Z), 1.0).to_event(1)
 
     def model(self, x, y=None, *, num_data=None):
         pyro.module("program", self)

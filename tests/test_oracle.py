@@ -153,3 +153,24 @@ def test_evaluation_reports_the_elbo_of_a_global_latent_program_and_says_why_the
     assert set(report) == {"elbo", "log_lik", "kl"}
     assert report["elbo"].mc_stderr is not None and report["elbo"].mc_stderr > 0
     assert len(report.notes) == 1 and "outside the 'data' plate" in report.notes[0]
+
+
+@pytest.mark.slow
+def test_a_conditional_programs_figures_and_gaps_get_its_labels(tmp_path):
+    """Every figure that `plot --kind all` draws, the KL per dimension and the inference gaps
+    reach a conditional program with the test images' labels."""
+    from pyro_vae.data import ImageData
+    from pyro_vae.plots import KINDS, draw_figures
+    from pyro_vae.posterior import inference_gaps
+
+    program = PROGRAMS["conditional"]()
+    x = images(12, seed=2)
+    test = ImageData(x, labels_of(x), binary=True)
+    metrics = [{"epoch": 1, "train_elbo": -10.0, "train_log_lik": -9.0, "train_kl": 1.0, "test_elbo": -11.0,
+                "test_log_lik": -10.0, "test_kl": 1.0, "train_objective": -10.0, "kl_weight": 1.0, "lr": 1e-3,
+                "seconds": 1.0}]
+    drawn = draw_figures(KINDS, program, test, metrics, tmp_path, log=lambda line: None)
+    assert {p.stem for p in drawn} == set(KINDS)  # none skipped for want of labels
+    assert program.view_labels and all(y is not None for y in program.view_labels)
+    gaps = inference_gaps(program, x[:4], num_samples=50, elbo_samples=50, max_steps=20, labels=test.labels[:4])
+    assert torch.isfinite(gaps.log_px).all()  # (the model needs y: without it, embed(None) would have raised)
