@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_int_at_least(0), default=5000, metavar="K",
                    help="K of the importance-sampled bound; 0 skips it (default: 5000)")
     p.add_argument("--limit", type=_int_at_least(1), metavar="N", help="evaluate the first N test images only")
+    _split_arg(p)
     p.add_argument("--batch-size", type=_int_at_least(1), default=100, metavar="N",
                    help="test images per batch (default: 100)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the Monte Carlo noise (default: 0)")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--limit", type=_int_at_least(1), default=1000, metavar="N",
                    help="the first N test images (default: 1000)")
+    _split_arg(p)
     p.add_argument("--num-samples", type=_int_at_least(1), default=5000, metavar="K",
                    help="importance samples of log p(x), and draws of each ELBO (default: 5000)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=100, metavar="N",
@@ -125,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(p, "runs")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+def _split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="the images scored: the test split, or the training split (binarised once, as the test "
+                        "split is; the only choice for a program with parameters per training image) "
+                        "(default: test)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -299,6 +308,8 @@ def _load(run_dir: Path, args):
 
 def _test_data(run, limit=None):
     """The run's test split, binarised as in training when the program scores binary data."""
+    import torch
+
     from .data import load_data, test_set
 
     if run.config.data is None:
@@ -308,6 +319,25 @@ def _test_data(run, limit=None):
     return test_set(load_data(run.config.data, "test", run.device), binary).head(limit)
 
 
+def _split_data(run, split: str, limit=None):
+    """``(images, keyword arguments)`` for the evaluations: the test split, or the training
+    split with the images' positions and the training set's size (a program that keeps
+    parameters per training image needs them)."""
+    if split == "test":
+        return _test_data(run, limit), {}
+    import torch
+
+    from .data import load_data, test_set
+
+    if run.config.data is None:
+        raise ValueError(f"{run.run_dir} was trained on images passed to fit() in code, not on a registered data "
+                         "set; evaluate it in Python (pyro_vae.evaluate_model(run.program, images, index=...))")
+    binary = bool(getattr(run.program, "binary_data", False))
+    full = load_data(run.config.data, "train", run.device)
+    data = test_set(full, binary).head(limit)
+    return data, {"index": torch.arange(len(data), device=run.device), "num_data": len(full)}
+
+
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
@@ -315,17 +345,17 @@ def cmd_evaluate(args) -> int:
 
     group = _process_group(args)  # several processes under torchrun share the importance sampling
     run = _load(args.run_dir, args)
-    test = _test_data(run, args.limit)
+    test, where = _split_data(run, args.split, args.limit)
     images = test.images
     quiet = args.json or args.num_samples == 0 or (group is not None and not group.leader)
     with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=quiet, file=sys.stderr) as bar:
         report = evaluate_model(run.program, images, args.num_samples, args.batch_size, args.seed,
-                                progress=bar.update, labels=test.labels, group=group)
+                                progress=bar.update, labels=test.labels, group=group, **where)
     if group is not None and not group.leader:
         return 0
     continuous = not getattr(run.program, "binary_data", True)
     dims = images[0].numel()
-    activity = _activity(run, test)
+    activity = _activity(run, test, where)
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
         out.update({k: {"mean": e.mean, "stderr": e.stderr, "mc_stderr": e.mc_stderr} for k, e in report.items()})
@@ -342,7 +372,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(out))
         return 0
     kind = "densities: nats per image of grey values in [0, 1]" if continuous else "nats per image"
-    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} test images ({kind}; mean +- its s.e. over "
+    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} {args.split} images ({kind}; mean +- its s.e. over "
           "the images, +- its Monte Carlo s.e. for these images)")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
@@ -365,12 +395,12 @@ def cmd_gaps(args) -> int:
 
     run = _load(args.run_dir, args)
     gap_family(run.program)  # a clear error before any data loads
-    test = _test_data(run, args.limit)
+    test, where = _split_data(run, args.split, args.limit)
     with tqdm(total=test.images.shape[0], desc="optimising q* per image", unit="img", disable=args.json,
               file=sys.stderr) as bar:
         gaps = inference_gaps(run.program, test.images, num_samples=args.num_samples, elbo_samples=args.num_samples,
                               batch_size=args.batch_size, seed=args.seed, progress=bar.update,
-                              max_steps=args.max_steps, labels=test.labels)
+                              max_steps=args.max_steps, labels=test.labels, **where)
     report = gaps.report()
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": test.images.shape[0],
@@ -378,7 +408,7 @@ def cmd_gaps(args) -> int:
         out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
         print(json.dumps(out))
         return 0
-    print(f"{run.run_dir} after {run.epoch} epochs, {test.images.shape[0]} test images, K = {args.num_samples} "
+    print(f"{run.run_dir} after {run.epoch} epochs, {test.images.shape[0]} {args.split} images, K = {args.num_samples} "
           "(nats per image, mean +- s.e.)")
     names = {"log_px": "log p(x)", "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
              "inference_gap": "inference gap", "approximation_gap": "  approximation", "amortization_gap":
@@ -400,7 +430,7 @@ def cmd_graph(args) -> int:
     return 0
 
 
-def _activity(run, test):
+def _activity(run, test, where=None):
     """Active units of each latent site of the guide, or None when a site's distribution has no mean."""
     import pyro
 
@@ -410,7 +440,8 @@ def _activity(run, test):
     labels = test.labels if ProgramCall(run.program).takes["y"] else None
     try:
         with pyro.get_param_store().scope():
-            return latent_activity(run.program.model, run.program.guide, test.images, labels=labels)
+            return latent_activity(run.program.model, run.program.guide, test.images, labels=labels,
+                                   **(where if ProgramCall(run.program).takes["index"] else {}))
     except NotImplementedError:
         return None
 

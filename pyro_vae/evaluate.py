@@ -80,10 +80,16 @@ def _traces(model, guide, x, **kwargs):
     return model_trace, guide_trace
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int):
-    """``(x, {"y": y})`` slices of ``batch_size`` images (no ``y`` when there are no labels)."""
+def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+             index: torch.Tensor | None = None, num_data: int | None = None):
+    """``(x, {"y": y, "index": ..., "num_data": ...})`` slices of ``batch_size`` images
+    (without the keys that are None)."""
     for start in range(0, images.shape[0], batch_size):
         extra = {} if labels is None else {"y": labels[start : start + batch_size]}
+        if index is not None:
+            extra["index"] = index[start : start + batch_size]
+        if num_data is not None:
+            extra["num_data"] = num_data
         yield images[start : start + batch_size], extra
 
 
@@ -116,9 +122,7 @@ def elbo_terms(model, guide, images: torch.Tensor, batch_size: int = 1000, seed:
     scorer = Scorer()
     num_data = images.shape[0] if num_data is None else int(num_data)
     with forked_rng(seed), torch.no_grad():
-        for start, (x, extra) in zip(range(0, images.shape[0], batch_size), _batches(images, labels, batch_size)):
-            if index is not None:
-                extra["index"] = index[start : start + batch_size]
+        for x, extra in _batches(images, labels, batch_size, index):
             for k, v in scorer.terms(model, guide, x, num_data, **extra).items():
                 out.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}
@@ -171,6 +175,8 @@ def log_px_importance(
     labels: torch.Tensor | None = None,
     group=None,
     mc_variance: bool = False,
+    index: torch.Tensor | None = None,
+    num_data: int | None = None,
 ) -> torch.Tensor:
     """Per-image importance-sampled estimate of log p(x) with K = ``num_samples``.
 
@@ -189,7 +195,8 @@ def log_px_importance(
     or for a GPU's width (50,000). The chunking changes no value: the draws are the same
     whatever it is, as long as each chunk draws a multiple of 16 numbers (the block in
     which torch's CPU generator makes normal draws), as the CPU default does for batches
-    of 100 images.
+    of 100 images. ``index`` and ``num_data`` go to a program that keeps parameters per
+    data point: the images' positions in the data set of ``num_data`` it trained on.
 
     ``group`` (a :class:`pyro_vae.distributed.Group`) shares the batches out: each rank
     scores a contiguous run of them and the values are gathered on every rank. The
@@ -199,10 +206,10 @@ def log_px_importance(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    batches = list(_batches(images, labels, batch_size))
+    batches = list(_batches(images, labels, batch_size, index, num_data))
     first, stop = (0, len(batches)) if group is None else _my_batches(len(batches), group)
     x0, extra0 = batches[0]
-    depth = plate_depth(model, guide, x=x0[:1], **{k: v[:1] for k, v in extra0.items()})
+    depth = plate_depth(model, guide, x=x0[:1], **_first(extra0))
     score = _recorded_log_weights(model, guide, depth)
     results, variances = [], []
     with forked_rng(seed):
@@ -231,6 +238,11 @@ def log_px_importance(
         return mine
     var = torch.cat(variances) if variances else images.new_zeros((0,), dtype=torch.float64)
     return mine, (var if group is None else group.gather_cat(var)).clamp(min=0.0)
+
+
+def _first(extra: dict) -> dict:
+    """The arguments of one image: the first of each batched tensor."""
+    return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
 
 
 def default_chunk_elements(device: torch.device) -> int:
@@ -288,7 +300,7 @@ def _guide_draws_suffice(model, guide, batch, depth: int) -> bool:
     observes); else skipping a batch must run the model as well."""
     x, extra = batch
     with forked_rng(0), pyro.plate("particles", 1, dim=-1 - depth):
-        model_trace, guide_trace = _traces(model, guide, x[:1], **{k: v[:1] for k, v in extra.items()})
+        model_trace, guide_trace = _traces(model, guide, x[:1], **_first(extra))
     return all(site["is_observed"] or site["name"] in guide_trace.nodes for site in sample_sites(model_trace))
 
 
@@ -312,6 +324,8 @@ def evaluate_model(
     labels: torch.Tensor | None = None,
     group=None,
     mc_repeats: int = 4,
+    index: torch.Tensor | None = None,
+    num_data: int | None = None,
 ) -> Report:
     """Test-set report: ELBO, its terms, and (for ``num_samples`` > 0) the IS bound.
 
@@ -328,14 +342,29 @@ def evaluate_model(
     (``Report.notes``). ``labels`` reach programs that take ``y``. ``group``: the
     processes that share the importance sampling (the ELBO terms are cheap and computed
     whole on every rank).
+
+    A program that takes ``index`` keeps parameters per data point: it is evaluated on
+    images of the data set it trained on, given their positions (``index``) and that data
+    set's size (``num_data``); without them it is refused, since it has no posterior for
+    other images.
     """
     from .models import ProgramCall
     from .objectives import ImportanceWeightError
+    from .scoring import ScoringError
 
-    labels = labels if ProgramCall(program).takes["y"] else None
+    call = ProgramCall(program)
+    if call.takes["index"] and index is None:
+        raise ScoringError(
+            f"{type(program).__name__} takes index: it keeps parameters per training image, and has no posterior for "
+            "other images. Evaluate the images it trained on, with their positions (evaluate_model(..., index=..., "
+            "num_data=N)); from the command line: --split train")
+    if not call.takes["index"]:
+        index = None
+    labels = labels if call.takes["y"] else None
     with pyro.get_param_store().scope():
         repeats = [elbo_terms(program.model, program.guide, images, batch_size=max(batch_size, 1000),
-                              seed=seed if r == 0 else seed + 7919 * r, labels=labels)
+                              seed=seed if r == 0 else seed + 7919 * r, labels=labels, num_data=num_data,
+                              index=index)
                    for r in range(max(1, mc_repeats))]
         terms = repeats[0]
         if getattr(program, "point_estimate", False):
@@ -345,7 +374,7 @@ def evaluate_model(
             try:
                 log_px, var = log_px_importance(program.model, program.guide, images, num_samples, batch_size,
                                                 seed=seed + 1, progress=progress, labels=labels, group=group,
-                                                mc_variance=True)
+                                                mc_variance=True, index=index, num_data=num_data)
             except ImportanceWeightError as err:
                 report.notes.append(f"log p(x) was not importance sampled: {err}")
             else:
@@ -431,7 +460,8 @@ def active_units(program, images: torch.Tensor, threshold: float = 0.01, batch_s
 
 @torch.no_grad()
 def latent_activity(model, guide, images: torch.Tensor, num_samples: int = 100, batch_size: int = 500,
-                    seed: int = 0, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    seed: int = 0, labels: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                    num_data: int | None = None) -> dict[str, torch.Tensor]:
     r"""Burda et al.'s activity of every latent unit of every guide site, for any program.
 
     For site ``u`` and unit ``d``, :math:`A_{u,d} = \operatorname{Var}_x\big(\mathbb{E}_{q(u|x)}[u_d]\big)`
@@ -445,14 +475,14 @@ def latent_activity(model, guide, images: torch.Tensor, num_samples: int = 100, 
     means: dict[str, list[torch.Tensor]] = {}
     depth = None
     with forked_rng(seed):
-        for x, extra in _batches(images, labels, batch_size):
+        for x, extra in _batches(images, labels, batch_size, index, num_data):
             if depth is None:
-                depth = plate_depth(model, guide, x=x[:1], **{k: v[:1] for k, v in extra.items()})
+                depth = plate_depth(model, guide, x=x[:1], **_first(extra))
             with pyro.plate("particles", num_samples, dim=-1 - depth):
                 trace = poutine.trace(guide).get_trace(x, **extra)
             for site in sample_sites(trace):
-                if site["is_observed"]:  # a GuideMessenger runs the model: its data is no latent
-                    continue
+                if site["is_observed"] or site["fn"].support.is_discrete:
+                    continue  # (a GuideMessenger runs the model: its data is no latent; a class has no mean)
                 mean = site["fn"].mean.expand(num_samples, x.shape[0], *site["fn"].event_shape)
                 means.setdefault(site["name"], []).append(mean.double().mean(0).reshape(x.shape[0], -1))
     return {name: torch.cat(parts).var(0, unbiased=False) for name, parts in means.items()}

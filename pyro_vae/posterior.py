@@ -64,11 +64,18 @@ class LocalFamily:
     def guide(self, params: Sequence[torch.Tensor]):
         """A Pyro guide drawing ``site`` from this family at ``params``, one member per image."""
 
-        def guide(x, **_):
-            with pyro.plate("data", x.shape[0]):
+        def guide(x, num_data=None, index=None, **_):
+            with _plate(x, num_data, index):
                 pyro.sample(self.site, self.distribution(*params))
 
         return guide
+
+
+def _plate(x, num_data, index):
+    """The ``"data"`` plate of a family's guide: the one the model opens for the same call."""
+    from .models import data_plate
+
+    return data_plate(x, num_data, index)
 
 
 def local_family(program) -> LocalFamily:
@@ -84,29 +91,39 @@ def local_family(program) -> LocalFamily:
     return view()
 
 
-class SiteGaussians:
-    """The per-image family for a program without a ``local_family`` view: one diagonal
-    Gaussian per image over *all* its local latent sites jointly (independent across
-    sites and dimensions), each site on its own event shape. Its starting member for an
-    image matches the mean and standard deviation of ``start_draws`` draws of the
-    program's guide. Every local latent must take real values (a Gaussian cannot be a
-    class label or a positive scale); a site outside the ``"data"`` plate has no
-    per-image member.
+class SiteFamily:
+    """The per-image family for a program without a ``local_family`` view: for each image,
+    independent members over *all* its local latent sites jointly, each on its own event
+    shape: a diagonal Gaussian for a real-valued site, a free categorical for a class
+    (a site on 0..K-1, as an enumerated label is). Its starting member for an image
+    matches ``start_draws`` draws of the program's guide: their mean and standard
+    deviation, or their class frequencies. Other supports (a positive scale, counts) and
+    sites outside the ``"data"`` plate (no per-image member) are refused.
 
-    With a guide richer than this family (a hierarchy q(z1|x) q(z2|z1), a flow), the
-    best member can score below the guide itself: the amortisation gap is then negative,
-    and measures the family rather than the amortisation."""
+    A family with a class is optimised with Pyro's ``TraceEnum_ELBO`` (the classes
+    summed out, so their probabilities get exact gradients); one with real sites only, on
+    reparameterised draws. With a guide richer than this family (a hierarchy
+    q(z1|x) q(z2|z1), q(z|x, y), a flow), the best member can score below the guide
+    itself: the amortisation gap is then negative, and measures the family rather than
+    the amortisation."""
 
     def __init__(self, program, start_draws: int = 200):
         self.program = program
         self.start_draws = start_draws
-        self.sites: list[tuple[str, int]] | None = None  # (name, event dims), read from the first batch
+        self.sites: list[tuple[str, str, int]] | None = None  # (name, "real" or "class", event dims)
 
     @property
     def constraints(self) -> tuple:
         from torch.distributions import constraints
 
-        return (constraints.real, constraints.positive) * len(self.sites)
+        out = []
+        for _, kind, _ in self.sites:
+            out += [constraints.real, constraints.positive] if kind == "real" else [constraints.real]
+        return tuple(out)
+
+    @property
+    def enumerates(self) -> bool:
+        return any(kind == "class" for _, kind, _ in self.sites)
 
     def parameters(self, x: torch.Tensor, **extra) -> tuple[torch.Tensor, ...]:
         from pyro.infer.enum import get_importance_trace
@@ -120,50 +137,65 @@ class SiteGaussians:
             model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
                                                             {"x": x, **extra})
         sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
-        self.sites = [(site["name"], _real_local_site(site, model_trace)) for site in sites]
+        self.sites = [(site["name"], *_site_kind(site)) for site in sites]
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         params = []
-        for site in sites:
-            value = site["value"].double()
-            params += [value.mean(0), value.std(0).clamp(min=1e-6)]
-        return tuple(p.to(x.dtype if x.is_floating_point() else torch.get_default_dtype()) for p in params)
+        for site, (_, kind, _) in zip(sites, self.sites):
+            value = site["value"]
+            if kind == "real":
+                params += [value.double().mean(0).to(dtype), value.double().std(0).clamp(min=1e-6).to(dtype)]
+            else:
+                classes = int(site["fn"].support.upper_bound) + 1
+                counts = torch.nn.functional.one_hot(value.long(), classes).double().mean(0)
+                params.append((counts + 1e-3).log().to(dtype))
+        return tuple(params)
 
     def guide(self, params):
         sites = list(self.sites)
 
-        def guide(x, **_):
-            with pyro.plate("data", x.shape[0]):
-                for i, (name, event_dims) in enumerate(sites):
-                    pyro.sample(name, pyro.distributions.Normal(params[2 * i], params[2 * i + 1]).to_event(event_dims))
+        def guide(x, num_data=None, index=None, **_):
+            with _plate(x, num_data, index):
+                i = 0
+                for name, kind, event_dims in sites:
+                    if kind == "real":
+                        pyro.sample(name, pyro.distributions.Normal(params[i], params[i + 1]).to_event(event_dims))
+                        i += 2
+                    else:
+                        pyro.sample(name, pyro.distributions.Categorical(logits=params[i]),
+                                    infer={"enumerate": "parallel"})
+                        i += 1
 
         return guide
 
 
-def _real_local_site(site, model_trace) -> int:
-    """The event dims of a guide site the per-image Gaussians can stand in for, or a clear refusal."""
+def _site_kind(site) -> tuple[str, int]:
+    """``("real" or "class", event dims)`` of a guide site a :class:`SiteFamily` member can stand in for."""
     from torch.distributions import constraints
 
-    name = site["name"]
+    name, fn = site["name"], site["fn"]
     if not any(f.name == "data" for f in site["cond_indep_stack"]):
         raise NoLocalFamily(f"latent site {name!r} lies outside the 'data' plate (a global latent): it has no "
                             "per-image member, so the inference gaps per image are not defined for this program")
-    support = site["fn"].support
+    support = fn.support
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    if support is not constraints.real or site["fn"].support.is_discrete:
-        raise NoLocalFamily(f"latent site {name!r} takes values in {site['fn'].support}, not the real numbers: the "
-                            "per-image Gaussians that stand in for a guide without a local_family() view cannot "
-                            "propose it")
-    return site["fn"].event_dim
+    if support is constraints.real and not fn.support.is_discrete:
+        return "real", fn.event_dim
+    if isinstance(support, constraints.integer_interval) and support.lower_bound == 0 and fn.event_dim == 0:
+        return "class", 0
+    raise NoLocalFamily(f"latent site {name!r} takes values in {fn.support}: the per-image family that stands in "
+                        "for a guide without a local_family() view has Gaussians for real values and categoricals "
+                        "for classes 0..K-1, nothing for this")
 
 
 def gap_family(program):
-    """The family of q*: the program's ``local_family()`` view, else :class:`SiteGaussians`;
+    """The family of q*: the program's ``local_family()`` view, else :class:`SiteFamily`;
     a guide that is a point mass has none."""
     if getattr(program, "point_estimate", False):
         return local_family(program)  # (raises, naming the point mass)
     if getattr(program, "local_family", None) is not None:
         return program.local_family()
-    return SiteGaussians(program)
+    return SiteFamily(program)
 
 
 @contextlib.contextmanager
@@ -229,6 +261,11 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
         return tuple(t(u) for t, u in zip(transforms, free))
 
     depth = plate_depth(program.model, family.guide(current()), x=x, **extra)
+    enumerated = None
+    if getattr(family, "enumerates", False):
+        from pyro.infer import TraceEnum_ELBO
+
+        enumerated = TraceEnum_ELBO(num_particles=samples, vectorize_particles=True, max_plate_nesting=depth)
 
     def check() -> float:
         with torch.no_grad(), forked_rng(seed + 1):
@@ -239,8 +276,11 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
     with frozen(program), forked_rng(seed):
         while steps < max_steps:
             for _ in range(round_steps):
-                log_w = log_weights(program.model, family.guide(current()), x, samples, depth, **extra)
-                loss = -log_w.mean(0).sum()
+                if enumerated is not None:  # classes summed out by Pyro's TraceEnum_ELBO
+                    loss = enumerated.differentiable_loss(program.model, family.guide(current()), x, **extra)
+                else:
+                    log_w = log_weights(program.model, family.guide(current()), x, samples, depth, **extra)
+                    loss = -log_w.mean(0).sum()
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
@@ -289,23 +329,32 @@ class Gaps:
 
 def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, elbo_samples: int = 5000,
                    batch_size: int = 100, seed: int = 0, progress=None, labels: torch.Tensor | None = None,
-                   **optimize) -> Gaps:
+                   index: torch.Tensor | None = None, num_data: int | None = None, **optimize) -> Gaps:
     """log p(x), L[q] and L[q*] of every image (module docstring); ``optimize`` goes to
     :func:`optimal_local_parameters`. q* is a member of :func:`gap_family`: the program's
     ``local_family()`` view, else per-image Gaussians over all its local latent sites
-    (:class:`SiteGaussians`). ``labels`` reach programs that take ``y``."""
+    (:class:`SiteFamily`). ``labels`` reach programs that take ``y``; ``index`` and
+    ``num_data`` (the images' positions in the training set, and its size) programs
+    that keep parameters per training image, and take ``index``."""
     from .models import ProgramCall
 
     if num_samples < 1 or elbo_samples < 1:
         raise ValueError(f"num_samples and elbo_samples must be at least 1, got {num_samples} and {elbo_samples}")
     family = gap_family(program)
-    labels = labels if ProgramCall(program).takes["y"] else None
+    call = ProgramCall(program)
+    labels = labels if call.takes["y"] else None
+    if call.takes["index"] and index is None:
+        raise NoLocalFamily(f"{type(program).__name__} takes index: it keeps parameters per training image and has "
+                            "no guide for other images; measure the gaps on the training images (--split train)")
+    index = index if call.takes["index"] else None
     parts: dict[str, list[torch.Tensor]] = {"log_px": [], "elbo_amortized": [], "elbo_optimal": []}
     steps = []
     with pyro.get_param_store().scope():
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size]
             extra = {} if labels is None else {"y": labels[start : start + batch_size]}
+            if index is not None:
+                extra.update(index=index[start : start + batch_size], num_data=num_data)
             batch_seed = seed + start  # noise of each batch from its position: any --limit gives the same values
             with torch.no_grad(), forked_rng(batch_seed):
                 parts["elbo_amortized"].append(elbo_of(program.model, program.guide, x, elbo_samples, **extra))

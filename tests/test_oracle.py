@@ -174,3 +174,37 @@ def test_a_conditional_programs_figures_and_gaps_get_its_labels(tmp_path):
     assert program.view_labels and all(y is not None for y in program.view_labels)
     gaps = inference_gaps(program, x[:4], num_samples=50, elbo_samples=50, max_steps=20, labels=test.labels[:4])
     assert torch.isfinite(gaps.log_px).all()  # (the model needs y: without it, embed(None) would have raised)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, estimator, split", [("per_image_autonormal", "trace", "train"),
+                                                       ("enumerated", "traceenum", "test")])
+def test_the_command_line_evaluates_plots_gaps_and_resumes_runs_of_autoguides_and_enumeration(
+        factory, estimator, split, tmp_path, data_dir, capsys):
+    import json
+
+    from pyro_vae import DataConfig, TrainConfig, fit
+    from pyro_vae.cli import main
+
+    import cli_programs
+
+    run = tmp_path / factory
+    data = DataConfig(dataset="mnist", data_dir=str(data_dir), train_limit=300, test_limit=60)
+    fit(getattr(cli_programs, factory)(), data, run, factory=f"cli_programs:{factory}", progress=False,
+        log=lambda line: None, settings=TrainConfig(epochs=1, batch_size=50, lr=1e-2, device="cpu",
+                                                    estimator=estimator, engine="module"))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--num-samples", "20", "--limit", "40", "--split", split, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 40 and report["log_px_is20"]["mean"] > report["elbo"]["mean"] - 1.0
+    assert report["elbo"]["mc_stderr"] is not None
+    if split == "train":  # parameters per training image: the test split has no posterior, and says so
+        assert main(["evaluate", str(run), "--num-samples", "5", "--limit", "10"]) == 1
+        assert "--split train" in capsys.readouterr().err
+    assert main(["plot", str(run), "--kind", "all", "--limit", "40"]) == 0
+    assert main(["gaps", str(run), "--limit", "10", "--num-samples", "20", "--max-steps", "100", "--split", split,
+                 "--json"]) == 0
+    gaps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert gaps["num_images"] == 10 and gaps["log_px"]["mean"] < 0
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

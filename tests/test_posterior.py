@@ -121,17 +121,32 @@ def test_nuts_samples_the_exact_posterior():
 
 
 def test_programs_whose_q_star_is_not_defined_are_refused():
-    from oracle_programs import DiscreteLatent, GlobalLatent
+    from oracle_programs import GlobalLatent
     from pyro_vae import ModelConfig, build_model
 
     x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.5))
     cases = ((build_model(ModelConfig(model="ae", z_dim=2, hidden_dims=(4,)), (1, 4, 4)), "point mass"),
-             (DiscreteLatent(enumerate=False), "not the real numbers"), (GlobalLatent(), "outside the 'data' plate"))
+             (GlobalLatent(), "outside the 'data' plate"))
     for program, why in cases:
         with pytest.raises(ValueError, match=why):  # NoLocalFamily, or the importance weights' refusal
             inference_gaps(program, x, num_samples=10, elbo_samples=10, max_steps=10)
     with pytest.raises(ValueError, match="at least 1"):
         inference_gaps(LinearGaussian(), images(), num_samples=0)
+    with pytest.raises(NoLocalFamily, match="takes values in GreaterThan"):
+        inference_gaps(PositiveLatent(), torch.rand(3, 2), num_samples=10, elbo_samples=10, max_steps=10)
+
+
+class PositiveLatent(torch.nn.Module):
+    """A positive latent (a Gamma): no Gaussian or categorical stands in for it."""
+
+    def model(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Exponential(rate.unsqueeze(-1) * torch.ones(2)).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("rate", dist.Gamma(3.0, 1.0))
 
 
 class TwoSites(torch.nn.Module):
