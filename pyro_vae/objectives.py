@@ -413,7 +413,8 @@ def log_densities(model_trace: Trace, guide_trace: Trace, plate: str, depth: int
     ``unscaled_log_prob`` where Pyro has computed it), its mask applied, summed over the
     plates nested in ``plate``. Checks, in Python only (no tensor is read), that the
     bound is defined for the sites (see :class:`ImportanceWeightedELBO`); guide sites
-    need ``rsample`` when ``require_rsample`` (a gradient flows through them)."""
+    need ``rsample`` when ``require_rsample`` (a gradient flows through them). Without
+    it (evaluation), a latent masked alike in model and guide counts its kept elements."""
     guide_sites = sample_sites(guide_trace)
     guided = {site["name"] for site in guide_sites}
     for site in sample_sites(model_trace):
@@ -426,8 +427,9 @@ def log_densities(model_trace: Trace, guide_trace: Trace, plate: str, depth: int
             raise ImportanceWeightError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) cannot be reparameterised; the "
                 "importance-weighted estimators here need rsample at every guide site")
-    model_terms = [_per_image_log_prob(site, plate, "model", depth) for site in sample_sites(model_trace)]
-    guide_terms = [_per_image_log_prob(site, plate, "guide", depth) for site in guide_sites]
+    agreeing = _agreeing_masks(model_trace, guide_trace) if not require_rsample else set()
+    model_terms = [_per_image_log_prob(site, plate, "model", depth, agreeing) for site in sample_sites(model_trace)]
+    guide_terms = [_per_image_log_prob(site, plate, "guide", depth, agreeing) for site in guide_sites]
     if not model_terms or not guide_terms:
         raise ImportanceWeightError("the importance-weighted bound needs sample sites in both the model and the guide")
     scales = {scale for _, scale in model_terms + guide_terms}
@@ -438,7 +440,25 @@ def log_densities(model_trace: Trace, guide_trace: Trace, plate: str, depth: int
     return scales.pop(), log_p.reshape(-1, images), log_q.reshape(-1, images)
 
 
-def _per_image_log_prob(site, plate: str, program: str, depth: int):
+def _agreeing_masks(model_trace: Trace, guide_trace: Trace) -> set[str]:
+    """Latent sites masked alike in model and guide, with some elements kept (Pyro's
+    ``obs_mask`` makes such a site of the missing values): their masked elements do not
+    exist for either, and the weights count the rest. (Reads the masks' values: for
+    evaluation, not for a recorded training step.)"""
+    names = set()
+    for name, site in model_trace.nodes.items():
+        other = guide_trace.nodes.get(name)
+        if site["type"] != "sample" or site["is_observed"] or other is None:
+            continue
+        a, b = site["mask"], other["mask"]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            a, b = torch.broadcast_tensors(a, b)
+            if torch.equal(a, b) and bool(a.any()):
+                names.add(name)
+    return names
+
+
+def _per_image_log_prob(site, plate: str, program: str, depth: int, agreeing: set = frozenset()):
     """``(log_prob summed to the plate's dim, N / B)`` of a site inside ``plate``: its
     batch dims ``(draws..., B)``, the plates nested in ``plate`` summed out."""
     name = site["name"]
@@ -463,17 +483,20 @@ def _per_image_log_prob(site, plate: str, program: str, depth: int):
         log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
     mask = site["mask"]
     if mask is not None:
-        if not site["is_observed"]:
+        if not site["is_observed"] and name not in agreeing:
             raise ImportanceWeightError(
                 f"latent {program} site {name!r} is masked (poutine.mask), its log-density dropped: a KL weight "
                 "of 0, or a program without a KL term such as the autoencoder (--model ae); the "
                 "importance-weighted bound needs every latent's log-density (and --beta 1, no --kl-warmup-epochs)")
         log_prob = scale_and_mask(log_prob, 1.0, mask)
-    nested = [f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim != frame.dim and f.dim >= -depth]
-    if nested:  # plates nested in the data plate: their elements belong to the image
-        log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape) if log_prob.dim() < depth \
-            else log_prob
-        log_prob = log_prob.sum(nested, keepdim=True)
+    # the image's dim last, and the program's other plate dims (plates nested in the data
+    # plate, or broadcast room for them) summed: their elements belong to the image
+    if log_prob.dim() < depth:
+        log_prob = log_prob.reshape((1,) * (depth - log_prob.dim()) + log_prob.shape)
+    if frame.dim != -1:
+        log_prob = log_prob.movedim(frame.dim, -1)
+    if depth > 1:
+        log_prob = log_prob.sum(list(range(-depth, -1)))
     return log_prob, (frame.full_size or frame.size) / frame.size
 
 

@@ -14,7 +14,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import config_enumerate
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, AutoNormalMessenger
+from pyro.infer.autoguide import (AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal, AutoNormalMessenger,
+                                  AutoRegressiveMessenger)
 from torch import nn
 
 from pyro_vae.models import data_plate
@@ -72,26 +73,33 @@ PIXEL_MASK = torch.arange(D) % 3 != 0  # the pixels observed; the others are mis
 
 
 class ObsMask(_Encoded):
-    """Missing pixels by Pyro's ``obs_mask``, in a pixel plate nested in the data plate; the
-    guide proposes the missing pixels (``x_unobserved``) as fair coins."""
+    """Missing pixels by Pyro's ``obs_mask``, in a pixel plate (dim -1) nested in the data
+    plate (dim -2), as Pyro's idiom for per-pixel masks has it; the guide proposes the
+    missing pixels (``x_unobserved``) as fair coins."""
+
+    @staticmethod
+    def _plate(x, num_data):
+        size = x.shape[0] if num_data is None else num_data
+        subsample = None if size == x.shape[0] else torch.arange(x.shape[0])
+        return pyro.plate("data", size, subsample=subsample, dim=-2)
 
     def model(self, x, *, num_data=None):
         pyro.module("decoder", self.decoder)
         x = _flat(x)
-        with data_plate(x, num_data):  # dim -1; the pixel plate inside it takes dim -2
-            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
-            logits = self.decoder(z)
-            with pyro.plate("pixels", D):
-                pyro.sample("x", dist.Bernoulli(logits=logits.T), obs=x.T, obs_mask=PIXEL_MASK.unsqueeze(-1))
+        with self._plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))  # batch (..., B, 1)
+            logits = self.decoder(z).squeeze(-2)  # (..., B, D)
+            with pyro.plate("pixels", D, dim=-1):
+                pyro.sample("x", dist.Bernoulli(logits=logits), obs=x, obs_mask=PIXEL_MASK)
 
     def guide(self, x, *, num_data=None):
         pyro.module("encoder", self.encoder)
         x = _flat(x)
-        with data_plate(x, num_data):
+        with self._plate(x, num_data):
             loc, scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-            with pyro.plate("pixels", D), poutine.mask(mask=~PIXEL_MASK.unsqueeze(-1)):
-                pyro.sample("x_unobserved", dist.Bernoulli(probs=torch.full((D, 1), 0.5)))
+            pyro.sample("z", dist.Normal(loc.unsqueeze(-2), scale.unsqueeze(-2)).to_event(1))
+            with pyro.plate("pixels", D, dim=-1), poutine.mask(mask=~PIXEL_MASK):
+                pyro.sample("x_unobserved", dist.Bernoulli(probs=torch.full((D,), 0.5)))
 
 
 class ScaledLikelihood(_Encoded):
@@ -139,6 +147,14 @@ class BayesianLayerAutoguide(GlobalLatent):
     def guide(self, x, *, num_data=None):
         self.w_guide(x, num_data=num_data)
         _Encoded.guide(self, x, num_data=num_data)
+
+
+class BayesianLayerFullCovariance(BayesianLayerAutoguide):
+    """The Bayesian last layer with ``AutoMultivariateNormal`` (a full covariance) over W."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_guide = AutoMultivariateNormal(poutine.block(self.model, expose=["W"]))
 
 
 class _Plain(_Networks):
@@ -190,6 +206,16 @@ class Messenger(_Plain):
         super().__init__()
         del self.encoder
         self.guide = AutoNormalMessenger(self.model, amortized_plates=("data",))
+
+
+class RegressiveMessenger(_Plain):
+    """Pyro's ``AutoRegressiveMessenger`` (the posterior a learned affine function of the
+    prior's draw), amortised over the data plate."""
+
+    def __init__(self):
+        super().__init__()
+        del self.encoder
+        self.guide = AutoRegressiveMessenger(self.model, amortized_plates=("data",))
 
 
 class MessengerInAMethod(_Plain):
@@ -339,6 +365,8 @@ discrete_sampled = _seeded(DiscreteLatent, False)
 model_enumerated = _seeded(ModelEnumerated)
 conditional = _seeded(Conditional)
 tied_decoder = _seeded(TiedDecoder)
+bayesian_layer_full_covariance = _seeded(BayesianLayerFullCovariance)
+autoregressive_messenger = _seeded(RegressiveMessenger)
 
 FACTORIES = {
     "masked-site": "masked_site", "obs-mask": "obs_mask", "scaled-likelihood": "scaled_likelihood",
@@ -346,7 +374,14 @@ FACTORIES = {
     "per-image-autonormal": "per_image_autonormal", "autonormal-messenger": "autonormal_messenger",
     "discrete-enumerated": "discrete_enumerated", "discrete-sampled": "discrete_sampled",
     "model-enumerated": "model_enumerated", "conditional": "conditional", "tied-decoder": "tied_decoder",
+    "bayesian-layer-full-covariance": "bayesian_layer_full_covariance",
+    "autoregressive-messenger": "autoregressive_messenger",
 }
+
+# Programs whose log p(x) is not defined per image, and the reason the refusal gives
+NO_LOG_PX = {"global-latent": "outside the 'data' plate", "bayesian-layer-autoguide": "outside the 'data' plate",
+             "bayesian-layer-full-covariance": "outside the 'data' plate", "scaled-likelihood": "scaled by 0.5",
+             "model-enumerated": "not sampled by the guide"}
 PROGRAMS = {name: globals()[factory] for name, factory in FACTORIES.items()}
 
 ESTIMATOR = {"discrete-enumerated": "traceenum", "discrete-sampled": "tracegraph", "model-enumerated": "traceenum"}
