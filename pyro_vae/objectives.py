@@ -139,13 +139,20 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
 @ESTIMATORS.register("traceenum", "TraceEnum_ELBO: sites marked infer={'enumerate': 'parallel'} summed out exactly "
                                   "(discrete latents)")
 class OnDeviceTraceEnum_ELBO(TraceEnum_ELBO):
-    r""":class:`pyro.infer.TraceEnum_ELBO` whose differentiable loss stays on the device.
+    r""":class:`pyro.infer.TraceEnum_ELBO` without Pyro's NaN check of the loss.
 
     Each particle's ELBO is Pyro's DiCE estimate (``_compute_dice_elbo``): the sites marked
     for enumeration, in the guide (``config_enumerate``) or the model, summed over their
     values exactly, the others sampled. Pyro's own ``differentiable_loss`` is this sum
     with a NaN check that reads the value back to the host; here the loop reads nothing
-    (the engines check for NaN themselves, before the optimiser moves)."""
+    (the engines check for NaN themselves, before the optimiser moves).
+
+    Pyro's DiCE expectation itself reads one boolean per cost term back to the host
+    (``mask.all()`` in ``pyro.infer.util.Dice.compute_expectation``, to skip zero
+    probabilities): a synchronisation per step on CUDA, and the reason the recorded
+    engine runs this estimator eagerly (it warns once)."""
+
+    host_reads = "Pyro's Dice.compute_expectation reads mask.all() for each cost term"
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         elbos = [_compute_dice_elbo(model_trace, guide_trace)

@@ -43,6 +43,7 @@ log-likelihood and a KL is not defined once the latent is summed out).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -127,7 +128,7 @@ class Scorer:
         # depth; its random draws are taken from a fork, so the scores' draws stay the caller's
         model_trace, guide_trace = _plain_traces(model, guide, kwargs)
         check_guide(guide, guide_trace, kwargs)
-        self.max_plate_nesting = _depth(model_trace, guide_trace)
+        self.max_plate_nesting = trace_depth(model_trace, guide_trace)
         self.enumerated = enumerates(guide_trace) or enumerates(model_trace)
         self.model_enumerates = self.enumerated and any(
             site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
@@ -181,7 +182,7 @@ class Scorer:
 
     def _split(self, model, guide, batch, num_data, kwargs, shared, device):
         weights = PerImageWeights(batch, device, shared=shared)
-        with torch.enable_grad(), weights, warnings.catch_warnings():
+        with _frozen(model, guide), torch.enable_grad(), weights, warnings.catch_warnings():
             # Pyro reads each enumerated site's scale as a float to check they agree
             warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True to a scalar")
             value = self.elbo(model, guide, **kwargs)
@@ -206,6 +207,29 @@ class Scorer:
         return {"elbo": torch.cat(out)}
 
 
+@contextlib.contextmanager
+def _frozen(*fns):
+    """The parameters of the modules behind ``fns`` (a program's bound methods, a guide that
+    is a module) without gradients for the duration: the backward pass to the per-image
+    weights then builds no graph through the networks."""
+    modules = []
+    for fn in fns:
+        fn = poutine.unwrap(fn)
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            modules.append(owner)
+    flags = {id(p): (p, p.requires_grad) for m in modules for p in m.parameters()}
+    for p, _ in flags.values():
+        p.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():  # pyro.module notes that frozen tensors stay out of its param store
+            warnings.filterwarnings("ignore", message=".*was not registered in the param store")
+            yield
+    finally:
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+
+
 def _takes(fn, name: str) -> bool:
     params = inspect.signature(poutine.unwrap(fn)).parameters.values()
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
@@ -220,7 +244,8 @@ def _plain_traces(model, guide, kwargs):
     return model_trace, guide_trace
 
 
-def _depth(model_trace, guide_trace) -> int:
+def trace_depth(model_trace, guide_trace) -> int:
+    """The plate depth (Pyro's ``max_plate_nesting``) that a model and guide trace show."""
     dims = [frame.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
             if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
     return -min(dims) if dims else 0
@@ -234,7 +259,7 @@ def plate_depth(model, guide, **kwargs) -> int:
     about (:func:`check_subsample`)."""
     model_trace, guide_trace = _plain_traces(model, guide, kwargs)
     check_guide(guide, guide_trace, kwargs)
-    return _depth(model_trace, guide_trace)
+    return trace_depth(model_trace, guide_trace)
 
 
 def check_guide(guide, guide_trace, kwargs) -> None:

@@ -318,7 +318,7 @@ class LearnedTensorError(TypeError):
     """A program holds a learned tensor that some engine would not train or no checkpoint save."""
 
 
-def check_learned_tensors(program, model, guide, engine: str, **kwargs) -> None:
+def check_learned_tensors(program, model, guide, engine: str, **kwargs) -> int:
     """Refuse a program whose learned tensors the engines would treat differently.
 
     What a run learns is the program's parameters: the ``module`` and ``captured`` engines
@@ -328,10 +328,17 @@ def check_learned_tensors(program, model, guide, engine: str, **kwargs) -> None:
     and a parameter never registered with Pyro (``pyro.module``) would be left untrained
     by ``svi``. One call of the model and guide on ``kwargs`` (one minibatch) shows which
     tensors Pyro sees; either mismatch raises :class:`LearnedTensorError` naming the tensor.
+
+    The same call creates the parameters a program makes on its first call (Pyro's
+    autoguides), refuses a guide Pyro's ELBOs would mis-score
+    (:func:`pyro_vae.scoring.check_guide`), and returns the program's plate depth.
     """
+    from .scoring import check_guide, trace_depth
+
     with torch.no_grad(), poutine.trace(param_only=True) as params:
         guide_trace = poutine.trace(guide).get_trace(**kwargs)
-        poutine.replay(model, trace=guide_trace)(**kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**kwargs)
+    check_guide(guide, guide_trace, kwargs)
     seen = {name: site["value"].unconstrained() for name, site in params.trace.nodes.items()}
     owned = {id(p) for p in program.parameters()}
     name = type(program).__name__
@@ -349,3 +356,4 @@ def check_learned_tensors(program, model, guide, engine: str, **kwargs) -> None:
                     f"parameter {param_name!r} of {name} is not registered with Pyro in its model or guide, so "
                     "engine 'svi' (pyro.infer.SVI) would leave it untrained; register the submodule that owns it "
                     "with pyro.module(...) in the model or guide, or train with --engine module or captured")
+    return trace_depth(model_trace, guide_trace)

@@ -35,7 +35,6 @@ from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConf
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
 from .models import ProgramCall
-from .scoring import plate_depth
 from .objectives import build_elbo, kl_weight, training_program
 from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
                    build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
@@ -234,9 +233,11 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
 
     model, guide = training_program(program, cfg.objective)
     first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
-    # parameters a program creates on its first call (Pyro's autoguides) exist from here
-    # on: before the optimiser is built and before a checkpoint's weights are loaded
-    depth = materialize(program, model, guide, first_batch)
+    # One call shows which tensors Pyro sees, and creates the parameters a program makes on
+    # its first call (Pyro's autoguides): before the optimiser is built and before a
+    # checkpoint's weights are loaded. It also reads the program's plate depth.
+    with pyro.get_param_store().scope(), rng.forked_rng(CHECK_SEED):
+        depth = check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
     if state is not None:
         _check_resumable(state, config, run_dir)
         load_weights(program, state, run_dir)
@@ -278,8 +279,6 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
 
     with pyro.get_param_store().scope(), _StopRequests() as stop:
-        with rng.forked_rng(CHECK_SEED):
-            check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
         if state is None and leader:
             held.enter_context(_new_run_dir(run_dir, overwrite))
             try:
@@ -381,15 +380,6 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             if leader:
                 log(_epoch_line(record, cfg, program))
     return Run(program, config, run_dir, device, cfg.epochs)
-
-
-def materialize(program, model, guide, batch: dict) -> int:
-    """Run guide and model once on ``batch`` (without a gradient, with forked random draws
-    and a param store of their own), so that parameters a program creates on its first
-    call, as Pyro's autoguides do, exist; returns the program's plate depth."""
-    with pyro.get_param_store().scope(), rng.forked_rng(CHECK_SEED), torch.no_grad(), \
-            pyro.validation_enabled(False):
-        return plate_depth(model, guide, **batch)
 
 
 def _leader() -> bool:
