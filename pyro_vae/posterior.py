@@ -136,7 +136,9 @@ class SiteFamily:
         with torch.no_grad():
             model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
                                                             {"x": x, **extra})
-        sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+        # the model's latents (an autoguide's auxiliary sites, z_unconstrained, are the guide's own)
+        sites = [site for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                 and name in model_trace.nodes and not model_trace.nodes[name]["is_observed"]]
         self.sites = [(site["name"], *_site_kind(site)) for site in sites]
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         params = []

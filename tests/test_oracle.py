@@ -177,6 +177,7 @@ def test_a_conditional_programs_figures_and_gaps_get_its_labels(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:Found non-auxiliary vars")  # q* must not propose an autoguide's own sites
 @pytest.mark.parametrize("factory, estimator, split", [("per_image_autonormal", "trace", "train"),
                                                        ("enumerated", "traceenum", "test")])
 def test_the_command_line_evaluates_plots_gaps_and_resumes_runs_of_autoguides_and_enumeration(
