@@ -300,3 +300,16 @@ def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
     assert not (runs / "at-1" / "1-vae-1").exists()
     wrong = subprocess.run(command + ["--evaluate-at", "3"], env=env, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "--evaluate-at 3: each epoch must lie between 1 and --epochs - 1" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_compare_checkouts_smoke(tmp_path):
+    """The before/after timing runs (this checkout against itself) and both compute the same ELBO."""
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--smoke"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("before", "after"))]
+    assert len(lines) == 2 and lines[0].split("(elbo")[1] == lines[1].split("(elbo")[1]
+    bad = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--before",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "is not a checkout of pyro_vae" in bad.stderr
