@@ -63,6 +63,18 @@ def measure(smoke: bool) -> dict[str, float]:
     return out
 
 
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", type=Path, default=REPO, help="the checkout to compare with (default: this one)")
@@ -86,9 +98,7 @@ def main(argv=None) -> int:
                 sys.exit(f"{name} ({tree}) failed:\n{proc.stderr[-2000:]}")
             line = proc.stdout.strip().splitlines()[-1]
             results[name].append({k: float(v) for k, v in (item.split("=") for item in line.split())})
-    import platform
-
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; medians of "
+    print(f"{_cpu_name()}, {os.cpu_count()} CPUs; medians of "
           f"{len(results['after'])} round(s)")
     for name, tree in trees.items():
         med = {k: statistics.median(r[k] for r in results[name]) for k in results[name][0]}
