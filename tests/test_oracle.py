@@ -239,3 +239,24 @@ def test_importance_sampled_log_px_lies_above_the_elbo_or_is_refused_with_the_re
                             for s in range(4)]).mean(0)
     gap = log_px - elbo
     assert gap.mean() > 3 * gap.std() / N**0.5, (gap.mean(), gap.std())
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_an_estimator_registered_by_its_factory_module_loads_back(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyro_vae import TrainConfig, fit
+
+    import own_estimator
+
+    tests = Path(__file__).resolve().parent
+    fit(own_estimator.build(), images(), tmp_path / "run", factory="own_estimator:build", progress=False,
+        log=lambda line: None, settings=TrainConfig(epochs=1, batch_size=8, device="cpu", estimator="trace-halved"))
+    code = ("import sys; from pyro_vae import load_run; run = load_run(sys.argv[1]); "
+            "print(run.config.train.estimator, run.epoch)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tests)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["trace-halved", "1"]

@@ -309,3 +309,19 @@ def test_dreg_refuses_a_flow_guide_whose_rescoring_would_invert_it():
         engine.step(x=torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64)), num_data=4)
     build_engine("module", flow, flow.model, flow.guide, build_elbo("iwae", 3), 1e-3).step(
         x=torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64)), num_data=4)  # plain IWAE trains it
+
+
+def test_the_two_layer_vae_has_gaps_over_both_its_latent_sites():
+    from pyro_vae import ModelConfig, build_model
+    from pyro_vae.posterior import SiteFamily, gap_family
+
+    program = build_model(ModelConfig(model="vae2", z_dim=2, z2_dim=2, hidden_dims=(8,), z2_hidden_dims=(4,)),
+                          (1, 4, 4))
+    x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.4), generator=torch.Generator().manual_seed(0))
+    family = gap_family(program)
+    family.parameters(x)  # the family reads its sites from the guide's draws
+    assert isinstance(family, SiteFamily) and [name for name, _, _ in family.sites] == ["z1", "z2"]
+    gaps = inference_gaps(program, x, num_samples=200, elbo_samples=200, max_steps=300)
+    assert torch.isfinite(gaps.log_px).all() and (gaps.log_px > gaps.elbo_optimal - 0.5).all()
+    # per image, the inference gap is the sum of the two
+    assert torch.allclose(gaps.inference, gaps.approximation + gaps.amortization)
