@@ -20,6 +20,7 @@ model/guide pair with observed data site(s) and latent sites, not only the VAE o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -157,8 +158,10 @@ def log_weights(model, guide, x: torch.Tensor, num_samples: int, depth: int | No
         depth = plate_depth(model, guide, x=x, **kwargs)
     # the particles plate inside each program, as Pyro's vectorize_particles puts it
     particles = pyro.plate("particles", num_samples, dim=-1 - depth)
-    model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
-                                                    {"x": x, **kwargs})
+    with warnings.catch_warnings():  # (log_densities refuses such a program below, with the reason)
+        warnings.filterwarnings("ignore", "Found vars in model but not guide")
+        model_trace, guide_trace = get_importance_trace("flat", depth + 1, particles(model), particles(guide), (),
+                                                        {"x": x, **kwargs})
     _, log_p, log_q = log_densities(model_trace, guide_trace, "data", depth, require_rsample=False)
     return (log_p - log_q).expand(num_samples, x.shape[0])
 
