@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             _add_field_flag(group, section, f)
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help=f"run directory (default: {DEFAULT_OUT})")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="log each epoch to TensorBoard (default DIR: RUN_DIR/tensorboard; then: tensorboard --logdir DIR)")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="TRACKING_URI",
+                   help="log the run to MLflow (needs pip install -e \".[mlflow]\"; default: an SQLite store in "
+                        "RUN_DIR/mlflow.db)")
     p.add_argument("--program", metavar="MODULE:FUNCTION",
                    help="with --resume, for a run of a program built in code that recorded no factory: "
                         "a function that returns the program")
@@ -247,14 +252,27 @@ def _given_train_flags(args) -> set[str]:
 # -- commands ----------------------------------------------------------------------------
 
 
+def _trackers(args) -> list:
+    """The callbacks --tensorboard and --mlflow ask for (a missing package is a clear error, now)."""
+    from .callbacks import MLflow, TensorBoard
+
+    out = []
+    if args.tensorboard is not None:
+        out.append(TensorBoard(args.tensorboard or None))
+    if args.mlflow is not None:
+        out.append(MLflow(args.mlflow or None))
+    return out
+
+
 def cmd_train(args) -> int:
     from .train import train
 
+    callbacks = _trackers(args)
     if args.resume is None:
         if args.program is not None:
             raise ValueError("--program goes with --resume (a new run of a registered model takes --model)")
         run = train(config_from_args(args), args.out or DEFAULT_OUT, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, callbacks=callbacks)
         _say(f"run directory: {run.run_dir}")
         return 0
     if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -273,7 +291,8 @@ def cmd_train(args) -> int:
         stored = load_config(args.resume)
         config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=vars(args)["train.epochs"]))
     program = call_factory(args.program) if args.program else None
-    run = train(config, args.resume, resume=True, progress=not args.no_progress, program=program)
+    run = train(config, args.resume, resume=True, progress=not args.no_progress, program=program,
+                callbacks=callbacks)
     _say(f"run directory: {run.run_dir}")
     return 0
 
@@ -356,6 +375,10 @@ def cmd_evaluate(args) -> int:
     continuous = not getattr(run.program, "binary_data", True)
     dims = images[0].numel()
     activity = _activity(run, test, where)
+    if (run.run_dir / "tensorboard").is_dir() and args.split == "test" and args.limit is None:
+        from .callbacks import log_evaluation
+
+        log_evaluation(run.run_dir / "tensorboard", run.epoch, report)
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
         out.update({k: {"mean": e.mean, "stderr": e.stderr, "mc_stderr": e.mc_stderr} for k, e in report.items()})

@@ -109,6 +109,7 @@ class Run:
     run_dir: Path
     device: torch.device
     epoch: int  # completed epochs
+    test: object = None  # the test images (ImageData) while training, for callbacks; None when loaded
 
     @property
     def model(self):

@@ -31,6 +31,7 @@ from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, networks, rng
+from .callbacks import Callbacks
 from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
@@ -98,22 +99,24 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     program: torch.nn.Module | None = None,
+    callbacks=(),
 ) -> Run:
     """Train the program and data set ``config`` describes, writing ``run_dir``; returns the :class:`Run`.
 
     With ``resume=True`` the configuration and state come from ``run_dir``'s checkpoint;
     ``config`` may then be None, or differ from the stored one in ``train.epochs`` only
     (to train for longer). ``program`` replaces the program the configuration describes:
-    for resuming a run of a program built in code that recorded no factory.
+    for resuming a run of a program built in code that recorded no factory. ``callbacks``:
+    see :func:`fit`.
     """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as held:
         if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))  # before reading the state it resumes from
-        return _train(config, run_dir, resume, overwrite, progress, log, program)
+        return _train(config, run_dir, resume, overwrite, progress, log, program, callbacks)
 
 
-def _train(config, run_dir, resume, overwrite, progress, log, program) -> Run:
+def _train(config, run_dir, resume, overwrite, progress, log, program, callbacks) -> Run:
     state = None
     if resume:
         config, state = _stored_run(config, run_dir)
@@ -129,7 +132,7 @@ def _train(config, run_dir, resume, overwrite, progress, log, program) -> Run:
         image_shape = state["image_shape"] if state else load_data(config.data, "test", "cpu").image_shape
         program = build_program(config, image_shape, run_dir)
     return fit(program, config.data, run_dir, settings=config.train, resume=resume, overwrite=overwrite,
-               progress=progress, log=log, _state=state, _record=config.model, _seeded=True)
+               progress=progress, log=log, callbacks=callbacks, _state=state, _record=config.model, _seeded=True)
 
 
 def fit(
@@ -145,6 +148,7 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    callbacks=(),
     _state: dict | None = None,
     _record: ModelConfig | ProgramRecord | None = None,
     _seeded: bool = False,
@@ -163,6 +167,10 @@ def fit(
         returns this program untrained; recorded so every command can load the run.
     :param resume: continue the run in ``run_dir`` from its checkpoint (pass the same
         program and data; ``settings`` may differ in ``epochs`` only).
+    :param callbacks: objects with any of ``on_train_start(run)``, ``on_step(run, step,
+        loss)`` (``loss`` a device tensor: no host read is added), ``on_epoch_end(run,
+        record)`` and ``on_train_end(run)`` (:mod:`pyro_vae.callbacks`; the built-in
+        :class:`~pyro_vae.callbacks.TensorBoard` and :class:`~pyro_vae.callbacks.MLflow`).
 
     The process holds the run folder's lock (:func:`pyro_vae.runs.run_lock`) from the
     moment it writes there until it returns: a second process training into the same
@@ -173,11 +181,11 @@ def fit(
         if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))
         return _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress,
-                    log, _state, _record, _seeded)
+                    log, callbacks, _state, _record, _seeded)
 
 
 def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress, log,
-         _state, _record, _seeded) -> Run:
+         callbacks, _state, _record, _seeded) -> Run:
     settings = settings if settings is not None else TrainConfig()
     record = _record if _record is not None else _program_record(program, factory)
     data_config = data if isinstance(data, DataConfig) else None
@@ -195,6 +203,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     leader = group is None or group.leader
     if not leader:  # rank 0 alone prints and writes
         progress, log = False, _quiet
+    hooks = Callbacks(callbacks if leader else ())  # under torchrun, rank 0 alone calls them
     call = ProgramCall(program)
     binary = bool(getattr(program, "binary_data", False))
 
@@ -291,6 +300,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         if state is not None and leader:
             _record_epochs(run_dir, config)
         saved = state["position"] if state is not None else None  # what the last good checkpoint holds
+        watched = Run(program, config, run_dir, device, position["epoch"], test=test_data)  # what callbacks see
+        hooks.call("on_train_start", watched)
 
         def save_checkpoint(position):
             nonlocal saved
@@ -330,11 +341,13 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                 stopping = stop.signum is not None
                 try:
                     if group is None:
-                        loss_sum += engine.step(**batch_of(images, labels, idx, weight))
+                        loss = engine.step(**batch_of(images, labels, idx, weight))
                     else:
                         idx, engine.weight = group.shard(idx)
-                        loss_sum += engine.step(**batch_of(images, labels, idx, weight)) if idx.numel() else \
-                            engine.step()
+                        loss = engine.step(**batch_of(images, labels, idx, weight)) if idx.numel() else engine.step()
+                    loss_sum += loss
+                    if hooks:
+                        hooks.call("on_step", watched, epoch * num_steps + step + 1, loss)
                     if (step + 1) % PROGRESS_EVERY == 0:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
@@ -379,6 +392,9 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                 raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir)) from None
             if leader:
                 log(_epoch_line(record, cfg, program))
+            watched.epoch = epoch + 1
+            hooks.call("on_epoch_end", watched, record)
+        hooks.call("on_train_end", watched)
     return Run(program, config, run_dir, device, cfg.epochs)
 
 
