@@ -41,13 +41,15 @@ def test_the_extending_example_runs_as_printed(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number", [0, 1])
-def test_the_autoguide_and_enumeration_examples_run_as_printed(number, tmp_path):
+@pytest.mark.parametrize("number", [0, 1, 2])
+def test_the_autoguide_enumeration_and_callback_examples_run_as_printed(number, tmp_path):
     code = re.findall(r"<!-- example -->\n```python\n(.*?)```", PAGE.read_text(), re.S)[number]
     (tmp_path / "example.py").write_text(code)
     res = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     if number == 0:  # the autoguide's parameters were created, trained and saved
         assert "guide.locs.z_unconstrained" in res.stdout and "guide.scales.z_unconstrained" in res.stdout
-    else:  # an ELBO per image, with its spread
+    elif number == 1:  # an ELBO per image, with its spread
         assert "+-" in res.stdout
+    else:  # the callback saw both epochs
+        assert "epoch 1: test ELBO" in res.stdout and "epoch 2: test ELBO" in res.stdout
