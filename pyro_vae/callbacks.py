@@ -93,8 +93,11 @@ class TensorBoard:
     of each split, the training objective, KL weight, learning rate and seconds; every
     ``images_every`` epochs (and the last) 64 samples from the prior and reconstructions
     of 8 test images, for programs with those views; the configuration as text at the
-    start. A resumed run writes on from its checkpoint's epoch: events a crash left
-    beyond it are purged (TensorBoard's ``purge_step``), so every epoch appears once.
+    start. A resumed run writes on from its checkpoint's epoch, whatever a crash left: the
+    epochs the event files hold beyond the checkpoint are purged (TensorBoard's
+    ``purge_step``), and those the checkpoint holds but the files lack (a crash after
+    the checkpoint, before the flush) are written from metrics.jsonl, so every epoch
+    appears once.
     """
 
     def __init__(self, log_dir: str | Path | None = None, images_every: int = 5):
@@ -111,18 +114,29 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = self.log_dir or Path(run.run_dir) / "tensorboard"
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=run.epoch + 1 if run.epoch else None)
         if run.epoch == 0:
+            self.writer = SummaryWriter(str(self.log_dir))
             self.writer.add_text("config", "```\n" + json.dumps(run.config.to_dict(), indent=2) + "\n```", 0)
+            return
+        logged = [step for step in _logged_epochs(self.log_dir) if step <= run.epoch]
+        last = max(logged, default=0)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=last + 1)
+        for record in _records(run.run_dir):
+            if last < record["epoch"] <= run.epoch:
+                self._scalars(record)
+        self.writer.flush()
 
     def on_epoch_end(self, run, record: dict) -> None:
         epoch = int(record["epoch"])
-        for name, value in scalars_of(record).items():
-            if math.isfinite(value):
-                self.writer.add_scalar(name, value, epoch)
+        self._scalars(record)
         if epoch % self.images_every == 0 or epoch == run.config.train.epochs:
             self._images(run, epoch)
         self.writer.flush()
+
+    def _scalars(self, record: dict) -> None:
+        for name, value in scalars_of(record).items():
+            if math.isfinite(value):
+                self.writer.add_scalar(name, value, int(record["epoch"]))
 
     def _images(self, run, epoch: int) -> None:
         import torch
@@ -148,6 +162,24 @@ class TensorBoard:
             self.writer.close()
 
 
+def _logged_epochs(log_dir: Path) -> list[int]:
+    """The epochs whose scalars a TensorBoard folder holds (read with TensorBoard's own reader)."""
+    if not log_dir.is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags().get("scalars", [])
+    return sorted({e.step for tag in tags if tag.startswith(("train", "test")) for e in events.Scalars(tag)})
+
+
+def _records(run_dir) -> list[dict]:
+    from .runs import read_metrics
+
+    return read_metrics(run_dir)
+
+
 def log_evaluation(log_dir: str | Path, epoch: int, report: dict) -> None:
     """``pyro-vae evaluate``'s numbers on the whole test set into a run's TensorBoard folder,
     as ``evaluate/<name>`` at the run's epoch (each evaluation adds its points; a purge
@@ -168,9 +200,10 @@ class MLflow:
     The configuration as parameters (``model.z_dim``, ``train.lr``, ...), every epoch's
     numbers as metrics (step = epoch), and at the end the run folder's config.json,
     metrics.jsonl and figures (PNG) as artefacts. The MLflow run's id is kept in
-    ``RUN/mlflow_run_id``, so a resumed run logs into the same MLflow run; epochs that
-    MLflow already holds (a crash after logging, before the checkpoint) are not logged
-    again.
+    ``RUN/mlflow_run_id``, so a resumed run logs into the same MLflow run: epochs that
+    MLflow already holds are not logged again, and those it lacks (a crash between the
+    checkpoint and the logging) are logged from metrics.jsonl first. (An epoch MLflow got
+    and the checkpoint did not keeps its first values: MLflow has no purge.)
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "pyro-vae"):
@@ -197,6 +230,9 @@ class MLflow:
             self.run_id = id_file.read_text().strip()
             history = self.client.get_metric_history(self.run_id, "train/elbo")
             self.logged = {int(m.step) for m in history}
+            for record in _records(run.run_dir):  # epochs the checkpoint holds that a crash kept from MLflow
+                if record["epoch"] <= run.epoch:
+                    self.on_epoch_end(run, record)
             return
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(

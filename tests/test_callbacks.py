@@ -163,3 +163,45 @@ def test_the_command_line_logs_to_tensorboard_and_mlflow(tmp_path, data_dir):
     assert [s for s, _ in scalars["test/elbo"]] == [1, 2]
     assert [s for s, _ in scalars["evaluate/elbo"]] == [2]  # evaluate's numbers at the run's epoch
     assert (run / "mlflow.db").is_file() and (run / "mlflow_run_id").is_file()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_with_each_epoch_once_in_tensorboard_and_mlflow(tmp_path, data_dir):
+    """SIGKILL at a random moment after the first epoch (before, during or after an epoch's
+    logging), then --resume with the same flags: every epoch once, with metrics.jsonl's values."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (CI installs it)")
+    run = tmp_path / "run"
+    small = ["--data-dir", str(data_dir), "--train-limit", "600", "--test-limit", "100", "--z-dim", "2",
+             "--hidden-dims", "32", "--batch-size", "100", "--no-progress", "--tensorboard", "--mlflow"]
+    cmd = [sys.executable, "-m", "pyro_vae", "train", *small, "--epochs", "4", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, 1.5))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from pyro_vae.cli import main
+
+    assert main(["train", "--resume", str(run), "--no-progress", "--tensorboard", "--mlflow"]) == 0
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{(run / 'mlflow.db').resolve()}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    for name in ("train/elbo", "test/elbo", "train_objective"):
+        expected = [scalars_of(r)[name] for r in records]
+        assert [s for s, _ in scalars[name]] == [1, 2, 3, 4], name
+        assert [v for _, v in scalars[name]] == pytest.approx(expected, rel=1e-6), name
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+        assert [s for s, _ in history] == [1, 2, 3, 4], name
