@@ -13,13 +13,17 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+DEFAULT_EVERY = "10min"  # within an epoch; every epoch's end is saved anyway
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +62,60 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+class Every:
+    """When training saves a checkpoint within an epoch: every ``N`` steps, or on a clock.
+
+    ``spec`` is an int of steps (``500``), a number with a unit (``"30s"``, ``"10min"``,
+    ``"2h"``; ``m`` is minutes), or ``"epoch"`` (at the end of each epoch only, which is
+    saved in every case). A crash then loses at most that much work, and the resume from
+    a checkpoint written within an epoch is exact, as the one after a signal is.
+    """
+
+    def __init__(self, spec: int | str = DEFAULT_EVERY):
+        self.spec = str(spec).strip()
+        self.steps: int | None = None
+        self.seconds: float | None = None
+        text = self.spec.lower()
+        if text != "epoch":
+            match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
+            if match is None or (match[2] and match[2] not in _UNITS) or (not match[2] and "." in match[1]):
+                raise ValueError(f"checkpoint interval {spec!r}: give a whole number of steps (500), a time "
+                                 "with its unit (30s, 10min, 2h), or 'epoch'")
+            if match[2]:
+                self.seconds = float(match[1]) * _UNITS[match[2]]
+            else:
+                self.steps = int(match[1])
+            if (self.steps or self.seconds or 0) <= 0:
+                raise ValueError(f"checkpoint interval {spec!r} must be above 0 (or 'epoch')")
+        self.reset()
+
+    @classmethod
+    def of(cls, spec: "int | str | Every") -> "Every":
+        return spec if isinstance(spec, Every) else cls(spec)
+
+    @property
+    def on_clock(self) -> bool:
+        return self.seconds is not None
+
+    def reset(self) -> None:
+        """A checkpoint was just written: the clock starts again."""
+        self._since = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after global step ``step`` (counted from 1 over the whole run)."""
+        if self.steps is not None:
+            return step % self.steps == 0
+        return self.seconds is not None and time.monotonic() - self._since >= self.seconds
+
+    def __repr__(self) -> str:
+        return f"Every({self.spec!r})"
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files that writes killed midway (by SIGKILL, a lost node) left in ``folder``."""
+    return sorted(Path(folder).glob(".*.tmp"))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -21,6 +21,7 @@ from .config import SECTIONS, RunConfig, choices_of, registry_of
 from .train import TrainingInterrupted
 
 DEFAULT_OUT = Path("runs/latest")
+DEFAULT_EVERY = "10min"  # pyro_vae.checkpoint.DEFAULT_EVERY (checked by a test; the parser imports no torch)
 
 
 def main(argv=None) -> int:
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--program", metavar="MODULE:FUNCTION",
                    help="with --resume, for a run of a program built in code that recorded no factory: "
                         "a function that returns the program")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="start the run in --out, or continue it if the folder holds it (one command line for start "
+                        "and restart: torchrun --max-restarts, a scheduler's requeue); a folder holding a run of "
+                        "another configuration is refused")
+    p.add_argument("--checkpoint-every", default=None, metavar="N|TIME",
+                   help="within an epoch, also save a checkpoint every N steps or on a clock (30s, 10min, 2h; "
+                        f"'epoch': at epoch ends only). A crash loses at most that much work (default: "
+                        f"{DEFAULT_EVERY})")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -265,14 +274,23 @@ def _trackers(args) -> list:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import Every
     from .train import train
 
+    every = Every(DEFAULT_EVERY if args.checkpoint_every is None else args.checkpoint_every)  # an error before any work
     callbacks = _trackers(args)
+    if args.resume_if_present:
+        if args.resume is not None:
+            raise ValueError("--resume-if-present starts or continues the run in --out; it does not go with "
+                             "--resume (which continues a run, and only that)")
+        if args.overwrite:
+            raise ValueError("--resume-if-present never replaces a run; leave out --overwrite")
     if args.resume is None:
         if args.program is not None:
             raise ValueError("--program goes with --resume (a new run of a registered model takes --model)")
         run = train(config_from_args(args), args.out or DEFAULT_OUT, overwrite=args.overwrite,
-                    progress=not args.no_progress, callbacks=callbacks)
+                    resume="if-present" if args.resume_if_present else False, progress=not args.no_progress,
+                    callbacks=callbacks, checkpoint_every=every)
         _say(f"run directory: {run.run_dir}")
         return 0
     if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -292,7 +310,7 @@ def cmd_train(args) -> int:
         config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, epochs=vars(args)["train.epochs"]))
     program = call_factory(args.program) if args.program else None
     run = train(config, args.resume, resume=True, progress=not args.no_progress, program=program,
-                callbacks=callbacks)
+                callbacks=callbacks, checkpoint_every=every)
     _say(f"run directory: {run.run_dir}")
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,13 @@ class Group:
 
     def any(self, flag: bool, device) -> bool:
         """True on every rank when ``flag`` is true on any rank (one small all-reduce)."""
-        t = torch.tensor([int(bool(flag))], device=device)
+        return self.agree([flag], device)[0]
+
+    def agree(self, flags: list[bool], device) -> list[bool]:
+        """Each flag true on every rank when it is true on any rank (one small all-reduce for all)."""
+        t = torch.tensor([int(bool(f)) for f in flags], device=device)
         _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def gather_cat(self, part: torch.Tensor) -> torch.Tensor:
         """The ranks' 1-D tensors, concatenated in rank order, on every rank."""
@@ -102,8 +107,16 @@ def _collective(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as err:
-        raise PeerFailure(f"a collective operation of the distributed run failed ({str(err).splitlines()[0]}): "
+        raise PeerFailure(f"a collective operation of the distributed run failed ({_cause(err)}): "
                           "another process stopped or stopped answering; its own error says why") from err
+
+
+def _cause(err: BaseException) -> str:
+    """The backend's error in a few words: its first line, without gloo's source location
+    and its advice to read the other worker's logs (which the message gives anyway)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically caused")[0].rstrip(". ")
 
 
 def environment_world_size() -> int:
@@ -123,9 +136,33 @@ def from_environment(device: torch.device) -> Group | None:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        try:
+            _init_process_group(backend)
+        except (RuntimeError, dist.DistError) as err:
+            raise PeerFailure(f"could not join the other processes of the distributed run ({_cause(err)}): "
+                              "another process stopped before they met; its own error says why") from None
         atexit.register(_leave)
     return Group(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def _init_process_group(backend: str) -> None:
+    """``init_process_group`` from torchrun's environment, each restart in a store space of its own.
+
+    torchrun's workers share the agent's store (``TORCHELASTIC_USE_AGENT_STORE``) at the
+    same address on every restart, and the process group's keys are not told the attempt:
+    a restarted gloo rank then reads the dead group's addresses and cannot connect
+    ("Gloo connectFullMesh failed ... Connection refused"; seen with torch 2.14, as in
+    pytorch/pytorch#167288 for NCCL). Prefixing the store with the restart count gives
+    each attempt fresh keys; elsewhere the environment is used as it is."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        return
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=TIMEOUT)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pyro_vae/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world_size, timeout=TIMEOUT)
 
 
 def _leave() -> None:

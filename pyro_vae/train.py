@@ -94,32 +94,40 @@ def train(
     config: RunConfig | None,
     run_dir: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
     program: torch.nn.Module | None = None,
     callbacks=(),
+    checkpoint_every: int | str = checkpoint.DEFAULT_EVERY,
 ) -> Run:
     """Train the program and data set ``config`` describes, writing ``run_dir``; returns the :class:`Run`.
 
     With ``resume=True`` the configuration and state come from ``run_dir``'s checkpoint;
     ``config`` may then be None, or differ from the stored one in ``train.epochs`` only
-    (to train for longer). ``program`` replaces the program the configuration describes:
-    for resuming a run of a program built in code that recorded no factory. ``callbacks``:
-    see :func:`fit`.
+    (to train for longer). ``resume="if-present"`` starts the run, or continues it when
+    ``run_dir`` holds its checkpoint (one command line for start and restart, as torchrun's
+    ``--max-restarts`` and requeueing schedulers need); a folder holding a run of another
+    configuration is refused. ``program`` replaces the program the configuration describes:
+    for resuming a run of a program built in code that recorded no factory.
+    ``callbacks``, ``checkpoint_every``: see :func:`fit`.
     """
     run_dir = Path(run_dir)
+    if_present = _if_present(resume, overwrite)
+    if if_present:
+        resume = (run_dir / checkpoint.CHECKPOINT_NAME).exists()
+    every = checkpoint.Every.of(checkpoint_every)  # a bad interval is an error before anything is read or written
     with contextlib.ExitStack() as held:
         if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))  # before reading the state it resumes from
-        return _train(config, run_dir, resume, overwrite, progress, log, program, callbacks)
+        return _train(config, run_dir, resume, overwrite, progress, log, program, callbacks, every, if_present)
 
 
-def _train(config, run_dir, resume, overwrite, progress, log, program, callbacks) -> Run:
+def _train(config, run_dir, resume, overwrite, progress, log, program, callbacks, every, if_present) -> Run:
     state = None
     if resume:
-        config, state = _stored_run(config, run_dir)
+        config, state = _stored_run(config, run_dir, if_present)
     elif config is None:
         raise ValueError("train() needs a RunConfig unless resume=True")
     if config.data is None:
@@ -131,8 +139,10 @@ def _train(config, run_dir, resume, overwrite, progress, log, program, callbacks
     if program is None:
         image_shape = state["image_shape"] if state else load_data(config.data, "test", "cpu").image_shape
         program = build_program(config, image_shape, run_dir)
+    resume = "if-present" if if_present else resume  # (fit's messages say how to go on)
     return fit(program, config.data, run_dir, settings=config.train, resume=resume, overwrite=overwrite,
-               progress=progress, log=log, callbacks=callbacks, _state=state, _record=config.model, _seeded=True)
+               progress=progress, log=log, callbacks=callbacks, checkpoint_every=every, _state=state,
+               _record=config.model, _seeded=True)
 
 
 def fit(
@@ -144,11 +154,12 @@ def fit(
     settings: TrainConfig | None = None,
     binarize: str | None = None,
     factory: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
     callbacks=(),
+    checkpoint_every: int | str | checkpoint.Every = checkpoint.DEFAULT_EVERY,
     _state: dict | None = None,
     _record: ModelConfig | ProgramRecord | None = None,
     _seeded: bool = False,
@@ -166,7 +177,11 @@ def fit(
     :param factory: ``"package.module:function"`` (or ``"path/file.py:function"``) that
         returns this program untrained; recorded so every command can load the run.
     :param resume: continue the run in ``run_dir`` from its checkpoint (pass the same
-        program and data; ``settings`` may differ in ``epochs`` only).
+        program and data; ``settings`` may differ in ``epochs`` only); ``"if-present"``:
+        continue it if ``run_dir`` holds its checkpoint, else start it.
+    :param checkpoint_every: within an epoch, save a checkpoint every this many steps
+        (an int), on a clock (``"30s"``, ``"10min"``, ``"2h"``), or never (``"epoch"``);
+        every epoch's end is saved in any case (:class:`pyro_vae.checkpoint.Every`).
     :param callbacks: objects with any of ``on_train_start(run)``, ``on_step(run, step,
         loss)`` (``loss`` a device tensor: no host read is added), ``on_epoch_end(run,
         record)`` and ``on_train_end(run)`` (:mod:`pyro_vae.callbacks`; the built-in
@@ -177,22 +192,26 @@ def fit(
     folder stops at once with an error.
     """
     run_dir = Path(run_dir)
+    if_present = _if_present(resume, overwrite)
+    if if_present:
+        resume = _state is not None or (run_dir / checkpoint.CHECKPOINT_NAME).exists()
+    every = checkpoint.Every.of(checkpoint_every)
     with contextlib.ExitStack() as held:
         if resume and run_dir.is_dir() and _leader():
             held.enter_context(run_lock(run_dir))
-        return _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress,
-                    log, callbacks, _state, _record, _seeded)
+        return _fit(held, program, data, run_dir, test, settings, binarize, factory, bool(resume), overwrite,
+                    progress, log, callbacks, every, if_present, _state, _record, _seeded)
 
 
 def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress, log,
-         callbacks, _state, _record, _seeded) -> Run:
+         callbacks, every, if_present, _state, _record, _seeded) -> Run:
     settings = settings if settings is not None else TrainConfig()
     record = _record if _record is not None else _program_record(program, factory)
     data_config = data if isinstance(data, DataConfig) else None
     config = RunConfig(record, data_config, settings)
     state = _state
     if resume and state is None:
-        stored, state = _stored_run(config, run_dir)
+        stored, state = _stored_run(config, run_dir, if_present)
         config = stored
     elif not resume and _leader():
         _refuse_other_run(run_dir, overwrite)
@@ -254,6 +273,8 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         _resume_softplus(state, device, log)
         if leader:
             repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
+            for stale in checkpoint.stale_temporaries(run_dir):  # writes a kill cut short (under the lock)
+                stale.unlink(missing_ok=True)
     if group is not None:
         group.broadcast_module_(program)  # identical starting points, whatever each rank built
         _rank_streams(group, cfg.seed, state, log)
@@ -283,9 +304,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     if state is not None:
         engine.load_state_dict(state["optim"])
         position = state["position"]
-        at = position
-        where = f"epoch {at['epoch'] + 1}, step {at['step']}" if at["step"] else f"epoch {at['epoch']}"
-        log(f"resuming {run_dir} after {where} (of {cfg.epochs} epochs)")
+        log(f"resuming {run_dir} after {_where(position)} (of {cfg.epochs} epochs)")
 
     with pyro.get_param_store().scope(), _StopRequests() as stop:
         if state is None and leader:
@@ -309,6 +328,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             streams = group.gather_rng_states() if group is not None else None
             if not leader:
                 saved = position  # (rank 0 writes it)
+                every.reset()
                 return
             payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
                        "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
@@ -320,6 +340,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             with _writing("the checkpoint", run_dir / checkpoint.CHECKPOINT_NAME, position, saved, run_dir):
                 checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
             saved = position
+            every.reset()
 
         for epoch in range(position["epoch"], cfg.epochs):
             first = position["step"] if epoch == position["epoch"] else 0
@@ -339,6 +360,11 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                 weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + (step + 1) / num_steps)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 stopping = stop.signum is not None
+                agreed = (step + 1) % PROGRESS_EVERY == 0  # a host sync (and, distributed, an agreement) here
+                # a checkpoint within the epoch (its end is saved anyway); on a clock, the ranks of a
+                # distributed run agree on it, as on a stop
+                due = step + 1 < num_steps and every.due(epoch * num_steps + step + 1) and (
+                    group is None or not every.on_clock or agreed)
                 try:
                     if group is None:
                         loss = engine.step(**batch_of(images, labels, idx, weight))
@@ -348,29 +374,35 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
                     loss_sum += loss
                     if hooks:
                         hooks.call("on_step", watched, epoch * num_steps + step + 1, loss)
-                    if (step + 1) % PROGRESS_EVERY == 0:
+                    if agreed:
                         engine.check()
                         bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
-                        if group is not None:  # the ranks agree to stop at the same step
-                            stopping = group.any(stopping, device)
+                    if group is not None:  # the ranks stop (and save on a clock) at the same step
+                        if agreed:
+                            stopping, clock = group.agree([stopping, due and every.on_clock], device)
+                            due = clock if every.on_clock else due
+                        else:
+                            stopping = False  # distributed, a stop waits for the next agreement
+                    bar.update()
+                    if stopping:
+                        stop.signum = stop.signum or signal.SIGTERM
+                        bar.close()
+                        seconds += time.perf_counter() - t0
+                        save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum),
+                                         "seconds": seconds})
+                        raise TrainingInterrupted(
+                            stop.signum,
+                            f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} "
+                            f"of {num_steps}; the checkpoint in {run_dir} holds this step. Continue with: "
+                            f"{'torchrun ... -m pyro_vae' if group else 'pyro-vae'} train --resume {run_dir}",
+                        )
+                    if due:
+                        save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum),
+                                         "seconds": seconds + time.perf_counter() - t0})
                 except NonFiniteError as err:
                     raise TrainingDivergedError(_divergence_message(err, epoch, step, run_dir)) from None
                 except distributed.PeerFailure as err:
-                    raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir)) from None
-                bar.update()
-                if group is not None and not (step + 1) % PROGRESS_EVERY == 0:
-                    stopping = False  # distributed, a stop waits for the next agreement
-                if stopping:
-                    stop.signum = stop.signum or signal.SIGTERM
-                    bar.close()
-                    seconds += time.perf_counter() - t0
-                    save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum), "seconds": seconds})
-                    raise TrainingInterrupted(
-                        stop.signum,
-                        f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} of "
-                        f"{num_steps}; the checkpoint in {run_dir} holds this step. "
-                        f"Continue with: {'torchrun ... -m pyro_vae' if group else 'pyro-vae'} train --resume {run_dir}",
-                    )
+                    raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir, if_present)) from None
             bar.close()
             seconds += time.perf_counter() - t0
             weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + 1)  # the weight of the epoch's last step
@@ -389,13 +421,32 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
             try:
                 save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
             except distributed.PeerFailure as err:
-                raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir)) from None
+                raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir, if_present)) from None
             if leader:
                 log(_epoch_line(record, cfg, program))
             watched.epoch = epoch + 1
             hooks.call("on_epoch_end", watched, record)
         hooks.call("on_train_end", watched)
     return Run(program, config, run_dir, device, cfg.epochs)
+
+
+def _where(position: dict) -> str:
+    """A checkpoint's position in words: "epoch 3" (its end) or "epoch 4, step 120" (within it)."""
+    if position["step"]:
+        return f"epoch {position['epoch'] + 1}, step {position['step']}"
+    return f"epoch {position['epoch']}"
+
+
+def _if_present(resume, overwrite: bool) -> bool:
+    """Whether ``resume`` asks to continue the run only if its folder holds it."""
+    if isinstance(resume, str):
+        if resume != "if-present":
+            raise ValueError(f"resume={resume!r}: give True, False or 'if-present'")
+        if overwrite:
+            raise ValueError("resume='if-present' continues a run or starts it, and never replaces one; "
+                             "leave out overwrite")
+        return True
+    return False
 
 
 def _leader() -> bool:
@@ -422,11 +473,16 @@ def _rank_streams(group, seed: int, state: dict | None, log) -> None:
             "start afresh from here, so the run will not repeat an uninterrupted one draw for draw")
 
 
-def _peer_message(err, saved, run_dir) -> str:
-    last = "no checkpoint yet" if saved is None else f"the checkpoint after epoch {saved['epoch']}" + (
-        f", step {saved['step']}" if saved["step"] else "")
-    return (f"{err}. This process stopped too; {run_dir} keeps {last}. Once the cause is fixed, continue with: "
-            f"torchrun ... -m pyro_vae train --resume {run_dir}")
+def _peer_message(err, saved, run_dir, if_present: bool) -> str:
+    last = "no checkpoint yet" if saved is None else f"the checkpoint after {_where(saved)}"
+    said = f"{err}. This process stopped too; {run_dir} keeps {last}."
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get(
+        "TORCHELASTIC_RESTART_COUNT", "0"))
+    if if_present and restarts > 0:
+        return f"{said} torchrun restarts the processes ({restarts} restart(s) left) and they continue from it"
+    if if_present:
+        return f"{said} Once the cause is fixed, run the same torchrun command again: it continues from there"
+    return f"{said} Once the cause is fixed, continue with: torchrun ... -m pyro_vae train --resume {run_dir}"
 
 
 def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg, num_data: int | None = None
@@ -500,7 +556,7 @@ def _as_image_data(data, what: str) -> ImageData:
 # -- run-directory bookkeeping ---------------------------------------------------------
 
 
-def _stored_run(config: RunConfig | None, run_dir: Path):
+def _stored_run(config: RunConfig | None, run_dir: Path, if_present: bool = False):
     """The stored configuration and checkpoint of a run to resume; ``config``, when given,
     may differ from the stored one in the number of epochs only."""
     if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
@@ -512,12 +568,29 @@ def _stored_run(config: RunConfig | None, run_dir: Path):
     if config is not None:
         asked = replace(config, train=replace(config.train, epochs=stored.train.epochs))
         if asked != stored:
-            raise RunDirError(
-                f"cannot resume {run_dir} with a different configuration; only the number of epochs may change. "
-                f"Stored: {stored.to_dict()}"
-            )
+            differ = "; ".join(f"{key}: {was!r} there, {now!r} asked" for key, was, now in _differences(stored, asked))
+            if if_present:
+                raise RunDirError(
+                    f"{run_dir} holds another run (its configuration differs: {differ}); nothing was changed. "
+                    f"Choose another --out for this one, or continue that run with: pyro-vae train --resume {run_dir}")
+            raise RunDirError(f"cannot resume {run_dir} with a different configuration; only the number of epochs "
+                              f"may change, and this differs: {differ}")
         stored = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
     return stored, state
+
+
+def _differences(stored: RunConfig, asked: RunConfig) -> list[tuple[str, object, object]]:
+    """The settings (``section.field``) in which two configurations differ, with both values."""
+    was, now = stored.to_dict(), asked.to_dict()
+    out = []
+    for section in sorted(set(was) | set(now)):
+        a, b = was.get(section), now.get(section)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            if a != b:
+                out.append((section, a, b))
+            continue
+        out += [(f"{section}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
 
 
 def _resume_softplus(state: dict, device: torch.device, log) -> None:
@@ -566,8 +639,12 @@ def _refuse_other_run(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file, not a folder; choose another --out")
     if (run_dir / CONFIG_NAME).exists() and (run_dir / checkpoint.CHECKPOINT_NAME).exists() and not overwrite:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        hint = (f" (torchrun restarted this command, restart {restart}: start the job with --resume-if-present "
+                "so that its restarts continue the run)") if restart else ""
         raise RunDirError(
-            f"{run_dir} already holds a run; resume it (--resume), choose another --out, or pass --overwrite"
+            f"{run_dir} already holds a run; resume it (--resume, or --resume-if-present to start or continue it "
+            f"with one command line), choose another --out, or pass --overwrite{hint}"
         )
 
 
@@ -597,14 +674,11 @@ def _writing(what: str, path: Path, position: dict, saved: dict | None, run_dir:
     try:
         yield
     except OSError as err:
-        at = f"epoch {position['epoch'] + 1}, step {position['step']}" if position["step"] else \
-            f"epoch {position['epoch']}"
+        at = _where(position)
         if saved is None:
             kept = "no epoch had been saved yet, so start the run again once the cause is fixed"
         else:
-            last = (f"epoch {saved['epoch'] + 1}, step {saved['step']}" if saved["step"]
-                    else f"epoch {saved['epoch']}")
-            kept = (f"the checkpoint in {run_dir} (after {last}) is intact; once the cause is fixed, continue with: "
+            kept = (f"the checkpoint in {run_dir} (after {_where(saved)}) is intact; once the cause is fixed, continue with: "
                     f"pyro-vae train --resume {run_dir}")
         raise RunWriteError(f"training stopped: could not write {what} of {at} to {path}: "
                             f"{err.strerror or err}. {kept}") from err

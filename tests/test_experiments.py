@@ -39,6 +39,17 @@ def test_figures_script_smoke(tmp_path, data_dir):
     assert stdout.count("$ pyro-vae train") == 4  # the commands are printed for the docs
 
 
+def test_checkpoint_cost_script_smoke(tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "checkpoint_cost.py"), "--smoke", "--every", "5",
+                           "--json", str(tmp_path / "cost.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["saves"] == 2 + 3  # two epoch ends, and steps 5, 10, 15 of the second run's 16
+    assert 0 < cost["median_save_s"] < cost["epoch_s"]
+    assert "overhead of the default clock (10min)" in proc.stdout
+
+
 @pytest.mark.slow
 def test_posterior_collapse_script_smoke(tmp_path, data_dir):
     out, stdout = run_script("posterior_collapse.py", tmp_path, data_dir)

@@ -1,0 +1,207 @@
+"""One command line for start and restart (--resume-if-present), checkpoints within an
+epoch (--checkpoint-every), and torchrun's elastic restarts that resume by themselves."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae import checkpoint, load_run
+from pyro_vae.checkpoint import Every
+from pyro_vae.cli import DEFAULT_EVERY, main
+from pyro_vae.runs import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--train-limit", "300", "--test-limit", "50", "--batch-size", "50", "--z-dim", "2", "--hidden-dims", "16",
+        "--eval-batch-size", "300", "--device", "cpu", "--no-progress"]
+
+
+# -- when to checkpoint ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, steps, seconds", [
+    ("500", 500, None), (7, 7, None), ("30s", None, 30.0), ("10min", None, 600.0), ("1.5m", None, 90.0),
+    ("2h", None, 7200.0), ("epoch", None, None),
+])
+def test_checkpoint_intervals_read_as_steps_or_a_clock(spec, steps, seconds):
+    every = Every(spec)
+    assert (every.steps, every.seconds) == (steps, seconds)
+    if steps:
+        assert [s for s in range(1, 3 * steps + 1) if every.due(s)] == [steps, 2 * steps, 3 * steps]
+    if spec == "epoch":
+        assert not any(every.due(s) for s in range(1, 1000))
+
+
+def test_the_clock_is_due_once_its_time_has_passed_since_the_last_checkpoint(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("pyro_vae.checkpoint.time.monotonic", lambda: now[0])
+    every = Every("30s")
+    now[0] += 29.9
+    assert not every.due(1)
+    now[0] += 0.2
+    assert every.due(2)
+    every.reset()
+    assert not every.due(3)
+
+
+@pytest.mark.parametrize("spec", ["0", "0s", "5x", "1.5", "-3", "", "ten"])
+def test_a_bad_interval_is_a_clear_error_before_anything_is_written(spec, tmp_path, capsys):
+    with pytest.raises(ValueError, match="checkpoint interval"):
+        Every(spec)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run), "--checkpoint-every", spec]) == 1
+    assert "checkpoint interval" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_the_cli_default_interval_is_the_library_one():
+    assert DEFAULT_EVERY == checkpoint.DEFAULT_EVERY == Every(DEFAULT_EVERY).spec
+
+
+# -- one command line for start and restart -------------------------------------------
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's bytes and modification time (but the lock's, which records who last held it)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.name != ".lock"}
+
+
+def test_resume_if_present_starts_continues_refuses_and_finishes(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    command = ["train", *TINY, "--data-dir", str(data_dir), "--out", str(run), "--resume-if-present"]
+    # an empty (absent) folder: the run starts
+    assert main([*command, "--epochs", "1"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    # this run's folder: it continues (asking for one more epoch, as a longer job would)
+    assert main([*command, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run} after epoch 1 (of 2 epochs)" in out
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    straight = tmp_path / "straight"
+    assert main(["train", *TINY, "--data-dir", str(data_dir), "--out", str(straight), "--epochs", "2"]) == 0
+    resumed, reference = load_run(run, "cpu").program.state_dict(), load_run(straight, "cpu").program.state_dict()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    # a folder holding a run of another configuration: refused, nothing touched
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main([*command, "--epochs", "2", "--z-dim", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run} holds another run" in err and "model.z_dim: 2 there, 3 asked" in err
+    assert "nothing was changed" in err and f"--resume {run}" in err
+    assert snapshot(run) == before
+    # the finished run: a clear message, exit 0, nothing trained
+    assert main([*command, "--epochs", "2"]) == 0
+    assert "has finished its 2 epochs; there is nothing to train" in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--overwrite"], "never replaces a run"), (["--resume", "RUN"], "does not go with --resume"),
+])
+def test_resume_if_present_refuses_contradicting_flags(extra, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    extra = [str(run) if a == "RUN" else a for a in extra]
+    assert main(["train", *TINY, "--out", str(run), "--resume-if-present", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_the_python_api_takes_if_present_too(tmp_path, data_dir):
+    from pyro_vae.cli import build_parser, config_from_args
+    from pyro_vae.train import train
+
+    config = config_from_args(build_parser().parse_args(["train", *TINY, "--data-dir", str(data_dir), "--epochs", "1"]))
+    train(config, tmp_path / "run", resume="if-present", progress=False, log=lambda s: None)
+    lines = []
+    train(config, tmp_path / "run", resume="if-present", progress=False, log=lines.append)
+    assert any("has finished its 1 epochs" in line for line in lines)
+    with pytest.raises(ValueError, match="'if-present'"):
+        train(config, tmp_path / "run", resume="auto")
+
+
+# -- a checkpoint within an epoch, then SIGKILL, then resume -----------------------------
+
+KILL_AFTER_A_MIDEPOCH_CHECKPOINT = """
+import os, signal, sys
+from pyro_vae import checkpoint
+from pyro_vae.cli import main
+real = checkpoint.save
+def save(payload, path):
+    real(payload, path)
+    if payload["position"]["step"] > 0:  # a checkpoint within an epoch: saved, now die
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_timed_checkpoint_within_an_epoch_then_sigkill_resumes_bit_identical(tmp_path, data_dir):
+    common = [*TINY, "--train-limit", "1000", "--batch-size", "10", "--epochs", "2", "--data-dir", str(data_dir)]
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_MIDEPOCH_CHECKPOINT, "train", *common, "--out",
+                             str(run), "--checkpoint-every", "0.05s"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    position = checkpoint.load(run / "checkpoint.pt")["position"]
+    assert 0 < position["step"] < 100  # the clock saved within an epoch
+    resumed = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--resume", str(run), "--no-progress"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after epoch {position['epoch'] + 1}, step {position['step']}" in resumed.stdout
+    straight = tmp_path / "straight"
+    assert main(["train", *common, "--out", str(straight), "--checkpoint-every", "epoch"]) == 0
+    assert_same_run(run, straight)
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    got, want = load_run(run, "cpu"), load_run(reference, "cpu")
+    assert got.epoch == want.epoch
+    for name, value in want.program.state_dict().items():
+        assert torch.equal(got.program.state_dict()[name], value), name
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, want.epoch + 1))  # each epoch once
+    for a, b in zip(read_metrics(run), read_metrics(reference)):
+        assert a["train_objective"] == b["train_objective"] and a["test_elbo"] == b["test_elbo"]
+
+
+# -- torchrun --max-restarts: a lost worker, and the job finishes by itself --------------
+
+TORCHRUN = [*TINY, "--train-limit", "1000", "--batch-size", "20", "--epochs", "3", "--checkpoint-every", "20"]
+
+
+def torchrun(run: Path, data_dir: Path, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYRO_VAE_DATA": str(data_dir), "PYRO_VAE_TEST_FAULT": fault}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", str(REPO / "tests" / "elastic_worker.py"), "train", *TORCHRUN,
+               "--out", str(run), "--resume-if-present"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("elastic") / "run"
+    done = torchrun(run, data_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, resumed_from", [
+    ("kill-at-step:1:70", "after epoch 2, step 10"),  # rank 1 dies in epoch 2; the last checkpoint: step 60
+    ("kill-in-checkpoint:2", "after epoch 1, step 20"),  # rank 0 dies writing the step-40 checkpoint
+])
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrupted(
+        fault, resumed_from, tmp_path, data_dir, uninterrupted):
+    run = tmp_path / "run"
+    done = torchrun(run, data_dir, fault)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "exitcode: -9" in out  # the fault struck: a worker died by SIGKILL
+    assert f"resuming {run} {resumed_from} (of 3 epochs)" in out
+    assert "Traceback" not in out
+    assert_same_run(run, uninterrupted)
+    assert not checkpoint.stale_temporaries(run)  # the half-written temporary file was cleared
