@@ -39,22 +39,42 @@ def softplus(h: torch.Tensor) -> torch.Tensor:
 
 
 def exp_log_softplus(h: torch.Tensor) -> torch.Tensor:
-    """softplus computed as (h + |h|) / 2 + log(1 + e^-|h|) with torch's ``exp`` and ``log``.
+    """softplus computed as max(h, 0) + log(1 + e^-|h|) with torch's ``exp`` and ``log``.
 
     torch's CPU softplus goes through ``log1p``, whose speed depends on the CPU: on one
     2-core AMD EPYC this project ran on it took 7 ns an element against about 1.2 ns for
-    this form, on another 0.5 ns (docs/performance.md), so :func:`softplus` uses this form
-    only where ``log1p`` measures slow. Without autograd it runs in place; with autograd
-    out of place, and its gradient is sigmoid(h) to float rounding, 1/2 at h = 0 included
-    (which ``max(h, 0)`` in place of (h + |h|) / 2 would get wrong). The values agree with
-    torch's within 6e-7 for every float32 input (``tests/test_networks.py``), except
-    h = -inf with autograd, which gives NaN (torch: 0); only a network already overflowing
-    makes it, and training then stops on its non-finite check.
+    the plain exp/log form, on another 0.5 ns (docs/performance.md), so :func:`softplus`
+    uses this form only where ``log1p`` measures slow.
+
+    ``log(1 + u)`` alone loses the low bits of u = e^-|h| when ``1 + u`` is rounded, which
+    costs relative accuracy wherever softplus is small (to 0 below h = -17 in float32,
+    where the true value is e^h: a zero scale for the guide). The rounding error of
+    ``w = 1 + u`` is exactly ``c = u - (w - 1)`` (Dekker's Fast2Sum, as u <= 1), and
+    ``log(1 + u) = log(w) + c / w`` up to c^2 / 2, so the result is softplus to within 2
+    units of the dtype's epsilon, relatively, for every h whose softplus is a normal
+    float (h > -87 in float32; below that subnormal spacing is the limit), in both tails
+    (``tests/test_networks.py``). Where w rounds to 1 the result is u itself.
+
+    Without autograd it runs in place; with autograd out of place, and its gradient is
+    sigmoid(h) to the same relative accuracy: the correction c is held constant (its
+    derivative is the second-order term), -|h| is written ``h - 2 max(h, 0)`` so that
+    its derivative is 1 at h = 0 and the gradient there is 1/2 (``abs`` would give 0),
+    and no term of the gradient cancels another (with (h + |h|) / 2 for max(h, 0), the
+    halves did, and the tail's tiny gradient was lost against them). One input is
+    outside: h = +inf with autograd gives NaN (torch: inf); only a network already
+    overflowing makes it, and training then stops on its non-finite check.
     """
     if h.requires_grad and torch.is_grad_enabled():
-        a = h.abs()
-        return torch.log(torch.exp(-a) + 1) + torch.add(0.5 * h, a, alpha=0.5)  # halves first: no overflow
-    return torch.exp(h.abs().neg_()).add_(1).log_().add_(torch.relu(h))
+        positive = torch.relu(h)
+        u = torch.exp(torch.add(h, positive, alpha=-2))
+        w = u + 1
+        c = ((u - (w - 1)) / w).detach()
+        return torch.log(w).add(c).add(positive)
+    u = h.abs().neg_().exp_()
+    w = u + 1
+    c = torch.sub(w, 1)
+    torch.sub(u, c, out=c)  # the part of u that 1 + u rounded away, exactly
+    return w.log().addcdiv_(c, w).add_(torch.relu(h))
 
 
 _cpu_form: list[str] = []  # the choice, made once per process
@@ -64,8 +84,9 @@ def cpu_softplus_form() -> str:
     """Which softplus :func:`softplus` computes on the CPU: ``"torch"`` or ``"exp-log"``.
 
     ``$PYRO_VAE_SOFTPLUS`` sets it; unset or ``auto``, it is measured once per process by
-    :func:`log1p_is_slow`. Both forms give the same values to float rounding (6e-7), so
-    the choice moves results by rounding only, as another CPU does.
+    :func:`log1p_is_slow`. Both forms give softplus to within 2 epsilon of the dtype,
+    relatively (a few units in the last place), so the choice moves results by rounding
+    only, as another CPU does.
     """
     if not _cpu_form:
         wanted = softplus_setting()
