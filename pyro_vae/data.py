@@ -33,8 +33,10 @@ Data sets are registered in :data:`DATASETS`, each with a loader
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,11 +141,27 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool) -> Ima
         if not download:
             raise _missing(name, root / klass.__name__ / "raw", _expected_files(klass), "downloading is switched off") from None
         try:
-            ds = klass(str(root), train=train, download=True)
+            with _undone_on_failure(root / klass.__name__ / "raw"):
+                ds = klass(str(root), train=train, download=True)
         except Exception as err:  # URLError, HTTPError, RuntimeError: all mean "offline or blocked"
             raise _missing(name, root / klass.__name__ / "raw", _expected_files(klass), f"the download failed ({err})") from err
     images = ds.data.unsqueeze(1).float().div_(255.0)
     return ImageData(images, ds.targets.long(), binary=False, classes=tuple(ds.classes))
+
+
+@contextlib.contextmanager
+def _undone_on_failure(folder: Path):
+    """If the block raises, remove the folders on the way to ``folder`` that did not exist
+    when it began, so that a failed download leaves no empty ``MNIST/raw`` (and no
+    ``--data-dir`` made up on the spot) behind. What existed before is never touched: the
+    topmost of the new folders goes, with what the failed download wrote into it."""
+    new = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
 
 
 def _expected_files(klass) -> list[str]:
@@ -164,7 +182,8 @@ def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
         from torchvision.datasets.utils import download_url
 
         try:
-            download_url(BINARIZED_MNIST_URL + stem, str(folder))
+            with _undone_on_failure(folder):
+                download_url(BINARIZED_MNIST_URL + stem, str(folder))
         except Exception as err:
             raise _missing("binarized-mnist", folder, [c.name for c in candidates[:1]], f"the download failed ({err})") from err
         path = folder / stem
@@ -183,7 +202,8 @@ def _load_frey(split: str, root: Path, download: bool) -> ImageData:
         from torchvision.datasets.utils import download_url
 
         try:
-            download_url(FREY_URL, str(folder))
+            with _undone_on_failure(folder):
+                download_url(FREY_URL, str(folder))
         except Exception as err:
             raise _missing("frey", folder, [path.name], f"the download failed ({err})") from err
     from scipy.io import loadmat

@@ -1,6 +1,7 @@
 """Data sets from the data directory, binarisation, and the errors when data is missing."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,61 @@ def test_test_set_binarized_once_with_fixed_seed():
 def test_bad_images_are_rejected(images, message):
     with pytest.raises(ValueError, match=message):
         check_images(images)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every download fails as it does offline, after torchvision has made its folder;
+    ``offline(partial=True)``: after writing the first bytes of the file."""
+    import urllib.error
+
+    from torchvision.datasets import utils
+
+    def refuse(url, fpath, *args, partial=False, **kwargs):
+        if partial:
+            Path(fpath).write_bytes(b"\x1f\x8b\x08 the first bytes")
+        raise urllib.error.URLError("offline (simulated)")
+
+    def failing(partial=False):
+        monkeypatch.setattr(utils, "_get_redirect_url", lambda url, max_hops=3: url)  # (it would open the URL)
+        monkeypatch.setattr(utils, "_urlretrieve", lambda url, fpath, *a, **kw: refuse(url, fpath, partial=partial))
+
+    failing()
+    return failing
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "binarized-mnist", "frey"])
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, offline, name, partial):
+    offline(partial)
+    (tmp_path / "keep").write_text("not ours")
+    with pytest.raises(DatasetNotFoundError, match="the download failed"):
+        load_split(name, "train", tmp_path / "new" / "data", download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no new/data/MNIST/raw
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("binarized-mnist", "binarized_mnist"),
+                                          ("frey", "frey")])
+def test_a_failed_download_keeps_what_was_there(tmp_path, offline, name, folder):
+    offline(True)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetNotFoundError):
+        load_split(name, "train", tmp_path, download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the data folder stays, its new folder goes
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "notes.txt").write_text("mine too")
+    with pytest.raises(DatasetNotFoundError):
+        load_split(name, "train", tmp_path, download=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / folder / "notes.txt").read_text() == "mine too"
+    if name == "mnist":  # only MNIST/raw was new
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["notes.txt"]
+
+
+def test_train_with_a_data_dir_that_does_not_exist_leaves_it_absent(tmp_path, offline, capsys):
+    from pyro_vae.cli import main
+
+    data = tmp_path / "nonexistent"
+    assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--no-progress"]) == 1
+    assert "the download failed" in capsys.readouterr().err
+    assert not data.exists()
