@@ -125,20 +125,48 @@ def test_graceful_interrupt_saves_the_step_and_resumes_exactly(tmp_path, data_di
     assert_same_parameters(run_dir, reference)
 
 
+WRITER = """
+import sys, torch
+from pyro_vae import checkpoint
+for epoch in range(2, 100):
+    checkpoint.save({"epoch": epoch, "w": torch.full((25_000_000,), float(epoch))}, sys.argv[1])
+    print(epoch, flush=True)  # saved: the rename is done
+"""
+
+
+def kill_while_a_temporary_exists(path, after: int, timeout=60.0):
+    """Start a process saving checkpoints to ``path`` over and over (epochs 2, 3, ...);
+    once it reports epoch ``after`` saved, SIGKILL it the moment a temporary file of the
+    next save is seen in the folder. Returns the temporaries left behind and the epochs
+    the writer reported saved."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        saved = [int(writer.stdout.readline()) for _ in range(after - 1)]
+        while not list(path.parent.glob(f".{path.name}.*.tmp")):
+            assert writer.poll() is None and time.monotonic() < deadline, "no temporary file was ever seen"
+            time.sleep(0.0005)
+    finally:
+        writer.kill()
+        writer.wait()
+    saved += [int(line) for line in writer.stdout.read().split()]
+    writer.stdout.close()
+    return list(path.parent.glob(f".{path.name}.*.tmp")), saved
+
+
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """SIGKILL between a save's temporary file and its rename (the temporary it leaves
+    proves the moment) leaves the previous checkpoint, complete."""
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save({"epoch": 1, "w": torch.ones(10)}, path)
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import torch, sys; from pyro_vae import checkpoint\n"
-        "print('go', flush=True)\n"
-        "for i in range(100): checkpoint.save({'epoch': 2 + i, 'w': torch.randn(50_000_000)}, sys.argv[1])"
-    ), str(path)], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "go"
-    time.sleep(1.0)  # well inside the writing of a 200 MB checkpoint
-    writer.kill()
-    writer.wait()
-    state = checkpoint.load(path)  # the last complete checkpoint: never a torn one
-    assert state["epoch"] >= 1 and torch.isfinite(state["w"]).all()
+    for _ in range(3):  # the rare kill that comes just after a rename proves nothing: again
+        checkpoint.save({"epoch": 1, "w": torch.full((25_000_000,), 1.0)}, path)
+        left, saved = kill_while_a_temporary_exists(path, after=2)
+        if left:
+            break
+    assert len(left) == 1, "the kill never landed inside a write"
+    assert saved == [2]  # the writer was inside the save of epoch 3: the file must be epoch 2's, whole
+    state = checkpoint.load(path)
+    assert state["epoch"] == 2 and torch.equal(state["w"], torch.full((25_000_000,), 2.0))
 
 
 class PoisonAfter:
