@@ -57,19 +57,25 @@ def test_trace_sites_and_shapes(model, likelihood):
 
 @pytest.mark.parametrize("model,likelihood", FAMILIES, ids=IDS)
 def test_elbo_is_below_the_importance_sampled_bound_in_expectation(model, likelihood):
+    """log p(x) >= IS bound >= ELBO, and for these untrained programs the second gap is
+    real: q(z|x) is not the posterior, so the mean gap over the images is many standard
+    errors above 0 (measured: 6 to 30 standard errors, by family). A bound that degenerated to the
+    ELBO would give a gap of 0 +- noise and fail."""
     program = program_of(model, likelihood).double()
     if program.point_estimate:
         pytest.skip(f"{model}: a point-mass guide has no ELBO and no importance-sampled bound")
-    x = data_for(program, 20).double()
-    reps = 200
-    elbos = torch.stack([elbo_terms(program.model, program.guide, x, seed=s)["elbo"] for s in range(reps)])
+    n, reps = 20, 200
+    x = data_for(program, n).double()
+    # 200 independent one-sample ELBOs of each image, drawn in one batch of its copies
+    elbos = elbo_terms(program.model, program.guide, x.repeat(reps, 1, 1, 1), batch_size=reps * n, seed=0)["elbo"]
+    elbos = elbos.reshape(reps, n)
     elbo = elbos.mean(0)  # E_q[log p(x, z) - log q(z|x)] per image, to Monte Carlo precision
-    log_px = log_px_importance(program.model, program.guide, x, num_samples=2000, seed=0)
+    log_px = log_px_importance(program.model, program.guide, x, num_samples=2000, seed=1)
     gap = log_px - elbo
     stderr = elbos.std(0) / math.sqrt(reps)
-    # log p(x) >= IS bound >= ELBO in expectation: the gap is non-negative up to noise
-    assert (gap > -4 * stderr - 1e-6).all(), (gap, stderr)
-    assert gap.mean() > 0
+    assert (gap > -4 * stderr - 1e-6).all(), (gap, stderr)  # per image: non-negative up to noise
+    gap_stderr = gap.std() / math.sqrt(n)  # over the images: their spread and the noise in each
+    assert gap.mean() > 4 * gap_stderr, (gap.mean(), gap_stderr)
 
 
 @pytest.mark.parametrize("model,likelihood", FAMILIES, ids=IDS)
