@@ -98,13 +98,35 @@ def test_exact_posterior_makes_every_bound_tight():
 
 
 def test_chunking_does_not_change_the_estimate():
+    """Chunks of K that draw a multiple of 16 normals (the block of torch's CPU generator)
+    see the very same draws as one chunk: the same values, to float64 rounding."""
     vae = tiny_vae(z_dim=2)
     x = random_binary(6)
-    a = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6, max_elements=10_000, seed=1)
-    b = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6, max_elements=6 * 64, seed=1)
-    assert torch.allclose(a, b, rtol=1e-12)  # same draws, one chunk or one
-    c = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=2, max_elements=20, seed=1)
-    assert c.shape == (6,) and torch.all(torch.isfinite(c))
+    whole = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6, max_elements=10_000, seed=1)
+    for chunk in (16, 8):  # 4 and 8 chunks of 6 images x chunk samples x 2 latents
+        chunked = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6,
+                                    max_elements=6 * chunk, seed=1)
+        assert torch.allclose(chunked, whole, rtol=1e-13, atol=0)
+    other_seed = log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6, seed=2)
+    assert not torch.allclose(other_seed, whole, rtol=1e-6, atol=0)  # (the comparison above is not vacuous)
+
+
+def test_other_batches_and_chunks_draw_other_noise_for_the_same_estimate():
+    """Other image batches, or chunks that split the generator's blocks, give each image
+    other draws: another estimate of the same expectation, within standard errors."""
+    vae = tiny_vae(z_dim=2)
+    x = random_binary(6)
+    r = 50  # independent estimates of each image, from its copies
+    whole = log_px_importance(vae.model, vae.guide, repeated(x, r), num_samples=64, batch_size=6 * r,
+                              max_elements=10**6, seed=1).reshape(r, 6)
+    # batches of 50 images, 10-sample chunks (1,000 normals); batches of all 300, 7-sample
+    # chunks (4,200 normals): neither a multiple of 16
+    for batch_size, max_elements in ((50, 500), (6 * r, 6 * r * 7)):
+        other = log_px_importance(vae.model, vae.guide, repeated(x, r), num_samples=64, batch_size=batch_size,
+                                  max_elements=max_elements, seed=1).reshape(r, 6)
+        assert not torch.allclose(other, whole, rtol=1e-6, atol=0)  # other noise indeed
+        se = torch.sqrt((whole.var(0) + other.var(0)) / r)
+        assert ((other.mean(0) - whole.mean(0)).abs() < 4 * se).all(), (other.mean(0) - whole.mean(0), se)
 
 
 def test_rejects_zero_samples():
