@@ -52,9 +52,9 @@ class Schedule:
     step size of each transition and image comes from a tuning run of ``tune_chains``
     chains that starts at ``step_size`` and adapts towards ``target_accept``."""
 
-    steps: int = 500
-    chains: int = 16
-    leapfrog: int = 10
+    steps: int = 1000
+    chains: int = 4
+    leapfrog: int = 5
     step_size: float = 0.05
     target_accept: float = 0.65
     delta: float = 4.0
@@ -362,6 +362,11 @@ def evaluate_ais(program, images: torch.Tensor, schedule: Schedule = Schedule(),
     from .rng import forked_rng
     from .scoring import plate_depth
 
+    from .models import ProgramCall
+
+    takes = ProgramCall(program).takes
+    labels = labels if takes["y"] else None
+    index, num_data = (index, num_data) if takes["index"] else (None, None)
     batches = list(_batches(images, labels, batch_size, index, num_data))
     x0, extra0 = batches[0]
     depth = plate_depth(program.model, program.guide, x=x0[:1], **_first(extra0))

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--num-samples", type=_int_at_least(0), default=5000, metavar="K",
                    help="K of the importance-sampled bound; 0 skips it (default: 5000)")
+    p.add_argument("--method", choices=("is", "ais"), default="is",
+                   help="log p(x) by importance sampling with the encoder (is), or by annealed importance sampling "
+                        "from the prior (ais: slower, tighter; see the AIS options) (default: is)")
+    _ais_args(p)
     p.add_argument("--limit", type=_int_at_least(1), metavar="N", help="evaluate the first N test images only")
     _split_arg(p)
     p.add_argument("--batch-size", type=_int_at_least(1), default=100, metavar="N",
@@ -96,9 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images optimised together (default: 100)")
     p.add_argument("--max-steps", type=_int_at_least(100), default=5000, metavar="N",
                    help="most Adam steps of the per-image optimisation (default: 5000)")
+    p.add_argument("--log-px", choices=("is", "ais"), default="is",
+                   help="log p(x) by importance sampling with q* (is), or by AIS (ais: the approximation gap is then "
+                        "not shrunk by the importance-sampling bound's own gap) (default: is)")
+    _ais_args(p)
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the Monte Carlo noise (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_gaps)
+
+    p = sub.add_parser("bdmc", help="bidirectional Monte Carlo: AIS bounds on log p(x) from below and above, on "
+                                    "images simulated from the model (Grosse et al. 2015, Wu et al. 2017)")
+    _run_args(p)
+    p.add_argument("--num", type=_int_at_least(1), default=100, metavar="N",
+                   help="images simulated from the model (default: 100)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=25, metavar="N",
+                   help="images annealed together (default: 25)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the simulation and the chains (default: 0)")
+    _ais_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bdmc)
 
     p = sub.add_parser("graph", help="the plate diagram of the run's model (or guide), by pyro.render_model")
     _run_args(p)
@@ -141,6 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(p, "runs")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+AIS_DEFAULTS = {"steps": 1000, "chains": 4, "leapfrog": 5}  # pyro_vae.ais.Schedule's, checked by a test
+
+
+def _ais_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("AIS options (annealed importance sampling, pyro_vae/ais.py)")
+    group.add_argument("--ais-steps", type=_int_at_least(2), default=AIS_DEFAULTS["steps"], metavar="T",
+                       help=f"intermediate distributions from prior to posterior (default: {AIS_DEFAULTS['steps']})")
+    group.add_argument("--chains", type=_int_at_least(1), default=AIS_DEFAULTS["chains"], metavar="C",
+                       help=f"independent chains per image (default: {AIS_DEFAULTS['chains']})")
+    group.add_argument("--leapfrog", type=_int_at_least(1), default=AIS_DEFAULTS["leapfrog"], metavar="L",
+                       help=f"leapfrog steps per HMC transition (default: {AIS_DEFAULTS['leapfrog']})")
+
+
+def _schedule(args):
+    from .ais import Schedule
+
+    return Schedule(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog)
+
+
+def _ais_store(run, kind: str, **settings) -> Path:
+    """Where an AIS evaluation keeps its finished batches, so that a killed one resumes."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return run.run_dir / "ais" / f"{kind}-{key}.pt"
 
 
 def _split_arg(p: argparse.ArgumentParser) -> None:
@@ -378,18 +425,36 @@ def _split_data(run, split: str, limit=None):
 def cmd_evaluate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .evaluate import active_unit_counts, bits_per_dim, evaluate_model
+    from .evaluate import Estimate, active_unit_counts, bits_per_dim, evaluate_model
 
     group = _process_group(args)  # several processes under torchrun share the importance sampling
+    if group is not None and args.method == "ais":
+        raise ValueError("evaluate --method ais runs in one process; start it without torchrun")
+    schedule = _schedule(args) if args.method == "ais" else None
     run = _load(args.run_dir, args)
     test, where = _split_data(run, args.split, args.limit)
     images = test.images
-    quiet = args.json or args.num_samples == 0 or (group is not None and not group.leader)
+    num_samples = args.num_samples if args.method == "is" else 0
+    quiet = args.json or num_samples == 0 or (group is not None and not group.leader)
     with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=quiet, file=sys.stderr) as bar:
-        report = evaluate_model(run.program, images, args.num_samples, args.batch_size, args.seed,
+        report = evaluate_model(run.program, images, num_samples, args.batch_size, args.seed,
                                 progress=bar.update, labels=test.labels, group=group, **where)
     if group is not None and not group.leader:
         return 0
+    ais = None
+    if schedule is not None:
+        from .ais import AISError
+
+        try:
+            ais = _ais_log_px(run, images, test.labels, where, schedule, args, f"{args.split} {images.shape[0]}")
+        except AISError as err:
+            report.notes.append(f"log p(x) was not annealed: {err}")
+    if ais is not None:
+        mc = float(ais["mc_variance"].sum().sqrt() / ais["mc_variance"].numel())
+        report["log_px_ais"] = Estimate.of(ais["log_px"], mc)
+        report.notes.append(f"AIS: {schedule.steps} distributions, {schedule.chains} chains, {schedule.leapfrog} "
+                            f"leapfrog steps; HMC acceptance {float(ais['acceptance'].mean()):.3f}; "
+                            f"{float(ais['seconds'].mean()):.2f} s per image")
     continuous = not getattr(run.program, "binary_data", True)
     dims = images[0].numel()
     activity = _activity(run, test, where)
@@ -402,6 +467,9 @@ def cmd_evaluate(args) -> int:
         out.update({k: {"mean": e.mean, "stderr": e.stderr, "mc_stderr": e.mc_stderr} for k, e in report.items()})
         if report.notes:
             out["notes"] = report.notes
+        if ais is not None:
+            out["ais"] = {"schedule": dataclasses.asdict(schedule), "acceptance": float(ais["acceptance"].mean()),
+                          "seconds_per_image": float(ais["seconds"].mean())}
         if activity is not None:
             out["active_units"] = {name: {"active": active_unit_counts({name: a})[name], "units": a.numel()}
                                    for name, a in activity.items()}
@@ -429,19 +497,72 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _ais_log_px(run, images, labels, where, schedule, args, what: str, bdmc: bool = False) -> dict:
+    """Per-image AIS results (:func:`pyro_vae.ais.evaluate_ais`) with a live bar, resumable
+    from the run folder's ``ais/`` (a killed evaluation goes on where it stopped)."""
+    import dataclasses as dc
+
+    from tqdm.auto import tqdm
+
+    from .ais import evaluate_ais
+
+    batch_size = args.batch_size
+    store = _ais_store(run, "bdmc" if bdmc else "ais", epoch=run.epoch, schedule=dc.asdict(schedule),
+                       batch_size=batch_size, seed=args.seed, images=images.shape[0], what=what)
+    runs = 3 if bdmc else 2  # the tuning run, the forward run (and the reverse one)
+    batches = -(-images.shape[0] // batch_size)
+    with tqdm(total=batches * runs * schedule.steps, desc=f"AIS ({what})", unit="step", disable=args.json,
+              file=sys.stderr, mininterval=1.0) as bar:
+        return evaluate_ais(run.program, images, schedule, batch_size, args.seed, labels=labels, store=store,
+                            progress=lambda t: bar.update(1), bdmc=bdmc, **where)
+
+
+def cmd_bdmc(args) -> int:
+    from .evaluate import Estimate
+
+    schedule = _schedule(args)
+    run = _load(args.run_dir, args)
+    test = _test_data(run, 1)
+    shape = (args.num, *test.images.shape[1:])
+    like = test.images.new_zeros(shape)
+    labels = None if test.labels is None else test.labels.new_zeros(args.num)
+    out = _ais_log_px(run, like, labels, {}, schedule, args, f"{args.num} simulated", bdmc=True)
+    report = {"lower": Estimate.of(out["log_px"]), "upper": Estimate.of(out["upper"]), "gap": Estimate.of(out["gap"]),
+              "acceptance": Estimate.of(out["acceptance"]), "seconds_per_image": Estimate.of(out["seconds"])}
+    if args.json:
+        print(json.dumps({"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": args.num,
+                          "schedule": dataclasses.asdict(schedule),
+                          **{k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()}}))
+        return 0
+    print(f"{run.run_dir} after {run.epoch} epochs: {args.num} images simulated from the model, AIS with "
+          f"{schedule.steps} distributions, {schedule.chains} chains, {schedule.leapfrog} leapfrog steps "
+          "(nats per image, mean +- s.e. over the images)")
+    print(f"  log p(x) >= {report['lower']}   (forward AIS from the prior)")
+    print(f"  log p(x) <= {report['upper']}   (reverse AIS from the z that made each image)")
+    print(f"  gap         {report['gap']}   (upper - lower: how far AIS may be from log p(x) on such images)")
+    print(f"  HMC acceptance {report['acceptance'].mean:.3f}, {report['seconds_per_image'].mean:.2f} s per image "
+          "(the three runs: tuning, forward, reverse)")
+    return 0
+
+
 def cmd_gaps(args) -> int:
     from tqdm.auto import tqdm
 
     from .posterior import gap_family, inference_gaps
 
+    schedule = _schedule(args) if args.log_px == "ais" else None
     run = _load(args.run_dir, args)
     gap_family(run.program)  # a clear error before any data loads
     test, where = _split_data(run, args.split, args.limit)
+    log_px = None
+    if schedule is not None:
+        log_px = _ais_log_px(run, test.images, test.labels, where, schedule, args,
+                             f"{args.split} {test.images.shape[0]}")["log_px"]
     with tqdm(total=test.images.shape[0], desc="optimising q* per image", unit="img", disable=args.json,
               file=sys.stderr) as bar:
         gaps = inference_gaps(run.program, test.images, num_samples=args.num_samples, elbo_samples=args.num_samples,
                               batch_size=args.batch_size, seed=args.seed, progress=bar.update,
-                              max_steps=args.max_steps, labels=test.labels, **where)
+                              max_steps=args.max_steps, labels=test.labels, log_px=log_px, **where)
     report = gaps.report()
     if args.json:
         out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": test.images.shape[0],
@@ -451,7 +572,7 @@ def cmd_gaps(args) -> int:
         return 0
     print(f"{run.run_dir} after {run.epoch} epochs, {test.images.shape[0]} {args.split} images, K = {args.num_samples} "
           "(nats per image, mean +- s.e.)")
-    names = {"log_px": "log p(x)", "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
+    names = {"log_px": "log p(x)" + (" (AIS)" if schedule is not None else ""), "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
              "inference_gap": "inference gap", "approximation_gap": "  approximation", "amortization_gap":
              "  amortisation"}
     for key, est in report.items():

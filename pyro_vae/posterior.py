@@ -331,8 +331,11 @@ class Gaps:
 
 def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, elbo_samples: int = 5000,
                    batch_size: int = 100, seed: int = 0, progress=None, labels: torch.Tensor | None = None,
-                   index: torch.Tensor | None = None, num_data: int | None = None, **optimize) -> Gaps:
-    """log p(x), L[q] and L[q*] of every image (module docstring); ``optimize`` goes to
+                   index: torch.Tensor | None = None, num_data: int | None = None,
+                   log_px: torch.Tensor | None = None, **optimize) -> Gaps:
+    """log p(x), L[q] and L[q*] of every image (module docstring); ``log_px``, when given,
+    is each image's log p(x) from elsewhere (AIS: :mod:`pyro_vae.ais`), used instead of
+    importance sampling with q* as the proposal; ``optimize`` goes to
     :func:`optimal_local_parameters`. q* is a member of :func:`gap_family`: the program's
     ``local_family()`` view, else per-image Gaussians over all its local latent sites
     (:class:`SiteFamily`). ``labels`` reach programs that take ``y``; ``index`` and
@@ -365,7 +368,10 @@ def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, el
             optimal = family.guide(best)
             with torch.no_grad(), forked_rng(batch_seed + 2):
                 parts["elbo_optimal"].append(elbo_of(program.model, optimal, x, elbo_samples, **extra))
-                parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples, **extra))
+                if log_px is None:
+                    parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples, **extra))
+                else:
+                    parts["log_px"].append(log_px[start : start + batch_size].to(x.device, torch.float64))
             if progress is not None:
                 progress(x.shape[0])
     return Gaps(*(torch.cat(parts[k]) for k in ("log_px", "elbo_amortized", "elbo_optimal")), steps)

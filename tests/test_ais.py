@@ -216,3 +216,63 @@ def test_a_constrained_latent_is_annealed_with_its_jacobian():
     result = ais_log_px(PositiveLatent().model, x, Schedule(steps=200, chains=64, leapfrog=5, step_size=0.3))
     se = result.mc_variance.sqrt()
     assert ((result.log_px - exact).abs() < 4 * se + 0.02).all()
+
+
+# -- from the command line -----------------------------------------------------------------
+
+AIS_FLAGS = ["--ais-steps", "20", "--chains", "2", "--leapfrog", "2", "--batch-size", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    from pyro_vae.cli import main
+
+    run = tmp_path_factory.mktemp("ais") / "run"
+    assert main(["train", "--train-limit", "300", "--test-limit", "20", "--batch-size", "50", "--z-dim", "3",
+                 "--hidden-dims", "16", "--epochs", "2", "--data-dir", str(data_dir), "--device", "cpu",
+                 "--no-progress", "--out", str(run)]) == 0
+    return run
+
+
+def test_evaluate_method_ais_and_gaps_with_ais_end_to_end(tiny_run, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    assert main(["evaluate", str(tiny_run), "--method", "ais", "--limit", "6", *AIS_FLAGS, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "log_px_is5000" not in report and report["ais"]["schedule"]["steps"] == 20
+    assert 0 < report["ais"]["acceptance"] < 1
+    stored = list((tiny_run / "ais").glob("ais-*.pt"))
+    assert len(stored) == 1  # the finished batches, for a resume
+    assert main(["evaluate", str(tiny_run), "--method", "ais", "--limit", "6", *AIS_FLAGS]) == 0
+    text = capsys.readouterr().out
+    assert f"log_px_ais       {report['log_px_ais']['mean']:.3f}" in text  # the same numbers, read back
+    assert "note: AIS: 20 distributions, 2 chains, 2 leapfrog steps" in text
+    assert main(["gaps", str(tiny_run), "--log-px", "ais", "--limit", "6", *AIS_FLAGS, "--num-samples", "20",
+                 "--max-steps", "100", "--json"]) == 0
+    gaps = json.loads(capsys.readouterr().out)
+    assert gaps["log_px"]["mean"] == pytest.approx(report["log_px_ais"]["mean"], abs=1e-9)
+    # the approximation gap is measured from the AIS log p(x)
+    assert gaps["approximation_gap"]["mean"] == pytest.approx(report["log_px_ais"]["mean"] - gaps["elbo_optimal"]["mean"],
+                                                              abs=1e-9)
+
+
+def test_bdmc_end_to_end(tiny_run, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    assert main(["bdmc", str(tiny_run), "--num", "6", *AIS_FLAGS, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_images"] == 6 and out["gap"]["mean"] == pytest.approx(out["upper"]["mean"] - out["lower"]["mean"])
+    assert out["gap"]["mean"] > 0  # a short schedule: a wide sandwich
+    assert main(["bdmc", str(tiny_run), "--num", "6", *AIS_FLAGS]) == 0
+    text = capsys.readouterr().out
+    assert "log p(x) >=" in text and "log p(x) <=" in text and "6 images simulated from the model" in text
+
+
+def test_the_cli_defaults_are_the_schedules():
+    from pyro_vae.cli import AIS_DEFAULTS
+
+    assert AIS_DEFAULTS == {"steps": Schedule().steps, "chains": Schedule().chains, "leapfrog": Schedule().leapfrog}
