@@ -115,8 +115,22 @@ def test_distributed_bench_script_smoke(tmp_path, data_dir):
     result = json.loads((out / "distributed-bench.json").read_text())
     assert len(result["epoch_seconds_one"]) == len(result["epoch_seconds_many"]) == 1
     assert result["train_epoch_ratio"] > 0 and result["evaluate_ratio"] > 0
-    assert result["evaluation_one"]["num_images"] == result["evaluation_many"]["num_images"] == 20
     assert "| training loop, s per epoch" in proc.stdout
+    # The distributed evaluation gives every image the single process's draws: the whole
+    # report agrees (the script compares only the means), every number to float32 rounding
+    # of the per-image values (1e-6 of their size; the thread counts differ), which is far
+    # below what other draws would move it (the Monte Carlo error)
+    one, many = result["evaluation_one"], result["evaluation_many"]
+    assert one.keys() == many.keys() and {"elbo", "log_lik", "kl", "log_px_is10"} <= one.keys()
+    assert one["num_images"] == 20
+    for key, value in one.items():
+        if isinstance(value, dict) and "mean" in value:
+            size = abs(value["mean"])
+            for stat in ("mean", "stderr", "mc_stderr"):
+                assert abs(many[key][stat] - value[stat]) <= 1e-6 * size, (key, stat, value, many[key])
+        else:  # the run, its epoch, the number of images, the active units: exactly
+            assert many[key] == value, key
+    assert one["log_px_is10"]["mc_stderr"] > 100 * 1e-6 * abs(one["log_px_is10"]["mean"])
 
 
 def test_softplus_forms_script_smoke(tmp_path):
