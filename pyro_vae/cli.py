@@ -455,7 +455,9 @@ def cmd_evaluate(args) -> int:
         report.notes.append(f"AIS: {schedule.steps} distributions, {schedule.chains} chains, {schedule.leapfrog} "
                             f"leapfrog steps; HMC acceptance {float(ais['acceptance'].mean()):.3f}; "
                             f"{float(ais['seconds'].mean()):.2f} s per image")
-    continuous = not getattr(run.program, "binary_data", True)
+    eight_bit = getattr(getattr(run.program, "likelihood", None), "levels", None) is not None
+    continuous = not getattr(run.program, "binary_data", True) and not eight_bit
+    per_dim = continuous or eight_bit  # bits per dimension beside log p(x)
     dims = images[0].numel()
     activity = _activity(run, test, where)
     if (run.run_dir / "tensorboard").is_dir() and args.split == "test" and args.limit is None:
@@ -473,19 +475,21 @@ def cmd_evaluate(args) -> int:
         if activity is not None:
             out["active_units"] = {name: {"active": active_unit_counts({name: a})[name], "units": a.numel()}
                                    for name, a in activity.items()}
-        if continuous:
+        if per_dim:
             for key, est in report.items():
-                if key.startswith("log_px"):
-                    out["bits_per_dim_" + key[len("log_px_"):]] = {"mean": bits_per_dim(est.mean, dims),
-                                                                   "stderr": -bits_per_dim(est.stderr, dims)}
+                if key.startswith("log_px") or key == "elbo":
+                    name = key[len("log_px_"):] if key.startswith("log_px") else key
+                    out["bits_per_dim_" + name] = {"mean": bits_per_dim(est.mean, dims),
+                                                   "stderr": -bits_per_dim(est.stderr, dims)}
         print(json.dumps(out))
         return 0
-    kind = "densities: nats per image of grey values in [0, 1]" if continuous else "nats per image"
+    kind = ("densities: nats per image of grey values in [0, 1]" if continuous else
+            "nats per image: log-probabilities of the 8-bit pixel values" if eight_bit else "nats per image")
     print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} {args.split} images ({kind}; mean +- its s.e. over "
           "the images, +- its Monte Carlo s.e. for these images)")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
-        if continuous and key.startswith("log_px"):
+        if per_dim and key.startswith(("log_px", "elbo")):
             line += f"   = {bits_per_dim(est.mean, dims):.4f} +- {-bits_per_dim(est.stderr, dims):.4f} bits per dimension"
         print(line)
     for note in report.notes:

@@ -31,9 +31,12 @@ def program_of(model, likelihood, seed=0):
 
 
 def data_for(program, n, seed=1):
-    """Images the program's likelihood can score: binary pixels, or grey values in [0, 1]."""
+    """Images the program's likelihood can score: binary pixels, grey values in [0, 1], or
+    8-bit values k / 255 (for a likelihood of the 256 pixel values)."""
     gen = torch.Generator().manual_seed(seed)
     grey = torch.rand((n, *SHAPE), generator=gen)
+    if getattr(program.likelihood, "levels", None) is not None:
+        return (grey * 255).round() / 255
     return torch.bernoulli(grey, generator=gen) if program.binary_data else grey
 
 

@@ -125,11 +125,11 @@ def test_data_outside_the_support_is_an_error_naming_the_likelihood(name, bad):
 def test_every_likelihood_keeps_the_contract(name):
     like = build_likelihood(name, D)
     assert like.name == name and isinstance(like.binary, bool)
-    out = torch.randn(3, 4, D)
+    out = torch.randn(3, 4, D * like.outputs_per_pixel)
     d = like(out)
     assert d.batch_shape == (3, 4) and d.event_shape == (D,)
     mean = like.mean(out)
-    assert mean.shape == out.shape and torch.isfinite(mean).all()
+    assert mean.shape == (3, 4, D) and torch.isfinite(mean).all()
     # data drawn from the distribution itself is data it scores
     x = d.sample()
     like.check_data(x.reshape(-1, D))
@@ -137,5 +137,80 @@ def test_every_likelihood_keeps_the_contract(name):
     # its learned tensors are parameters of the module (so the program owns and saves them)
     assert all(p.requires_grad for p in like.parameters())
     # output_for_mean inverts mean (decoder_bias="data-mean" starts the decoder there)
-    target = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
+    target = torch.linspace(0.02, 0.98, 8 * D, dtype=torch.float64).reshape(8, D)  # (a scale per pixel broadcasts)
+    if like.outputs_per_pixel > 1:  # many outputs give one mean: no inverse, and a clear refusal
+        with pytest.raises(ValueError, match="decoder_bias='data-mean'"):
+            like.output_for_mean(target)
+        return
     assert torch.allclose(like.mean(like.output_for_mean(target)), target, atol=1e-9)
+
+
+# -- 8-bit likelihoods: probabilities of the 256 pixel values -------------------------------
+
+LEVEL_VALUES = torch.arange(256, dtype=torch.float64) / 255
+
+
+@pytest.mark.parametrize("loc, scale", [(0.3, 0.05), (-2.0, 0.01), (1.5, 0.3), (0.5, 1e-3), (0.5001, 1e-4),
+                                        (0.0, 20.0)])
+def test_the_discretized_logistic_sums_to_one_over_the_256_values(loc, scale):
+    from pyro_vae.likelihoods import DiscretizedLogistic
+
+    d = DiscretizedLogistic(torch.full((256,), loc, dtype=torch.float64), torch.full((256,), scale, dtype=torch.float64))
+    log_p = d.log_prob(LEVEL_VALUES)
+    assert torch.isfinite(log_p).all()
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-14)
+    assert float(d.mean[0]) == pytest.approx(float((log_p.exp() * LEVEL_VALUES).sum()), abs=1e-12)
+
+
+def test_the_discretized_logistic_is_the_logistic_mass_of_each_bin_with_open_outer_bins():
+    from pyro_vae.likelihoods import DiscretizedLogistic
+
+    loc, scale = 0.4, 0.07
+    d = DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    cdf = lambda v: torch.sigmoid(torch.tensor((v - loc) / scale, dtype=torch.float64))  # noqa: E731
+    for k in (1, 50, 102, 254):
+        edges = ((k - 0.5) / 255, (k + 0.5) / 255)
+        assert float(d.log_prob(torch.tensor(k / 255, dtype=torch.float64)).exp()) == pytest.approx(
+            float(cdf(edges[1]) - cdf(edges[0])), rel=1e-12)
+    # k = 0 takes (-inf, 0.5 / 255], k = 255 takes [254.5 / 255, inf)
+    assert float(d.log_prob(torch.tensor(0.0, dtype=torch.float64)).exp()) == pytest.approx(float(cdf(0.5 / 255)),
+                                                                                            rel=1e-12)
+    assert float(d.log_prob(torch.tensor(1.0, dtype=torch.float64)).exp()) == pytest.approx(
+        float(1 - cdf(254.5 / 255)), rel=1e-12)
+
+
+def test_the_discretized_logistic_holds_far_in_the_tails_in_float32():
+    from pyro_vae.likelihoods import DiscretizedLogistic
+
+    # a pixel 40 scales from the location: the bin's mass is about e^-40 / (255 s), not 0 (no cancellation)
+    d = DiscretizedLogistic(torch.tensor(0.0), torch.tensor(0.01))
+    value = torch.tensor(102 / 255)
+    exact = DiscretizedLogistic(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64))
+    assert torch.isfinite(d.log_prob(value))
+    assert float(d.log_prob(value)) == pytest.approx(float(exact.log_prob(value.double())), abs=1e-3)
+
+
+def test_the_categorical_likelihood_is_a_softmax_over_256_levels_per_pixel():
+    like = build_likelihood("categorical-256", 3)
+    out = torch.randn(2, 256 * 3, dtype=torch.float64)
+    logits = out.reshape(2, 256, 3).transpose(1, 2)  # 256 blocks of D: level by level
+    x = torch.tensor([[0, 17, 255], [128, 1, 254]], dtype=torch.float64) / 255
+    expected = torch.log_softmax(logits, -1).gather(-1, (x * 255).round().long().unsqueeze(-1)).squeeze(-1).sum(-1)
+    assert torch.allclose(like(out).log_prob(x), expected, atol=1e-12)
+    # each pixel's 256 probabilities sum to 1: score every image whose pixels all take level k
+    every = torch.stack([like(out).log_prob(torch.full((2, 3), k / 255, dtype=torch.float64)) for k in range(256)])
+    per_pixel = torch.stack([torch.log_softmax(logits, -1)[..., k] for k in range(256)])  # (256, 2, 3)
+    assert torch.allclose(every, per_pixel.sum(-1), atol=1e-12)
+    assert torch.allclose(per_pixel.exp().sum(0), torch.ones(2, 3, dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(like.mean(out), (torch.softmax(logits, -1) * LEVEL_VALUES).sum(-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["discretized-logistic", "categorical-256"])
+@pytest.mark.parametrize("bad, what", [(0.5, "not a multiple of 1/255"), (1.2, "above 1"), (-1 / 255, "below 0"),
+                                       (0.5 / 255, "half a level")])
+def test_data_that_is_not_8_bit_is_a_clear_error(name, bad, what):
+    like = build_likelihood(name, 4)
+    x = torch.tensor([[0.0, 1.0, 17 / 255, bad]])
+    with pytest.raises(ValueError, match=f"not 8-bit pixel values.*{name}"):
+        like.check_data(x)
+    like.check_data(torch.tensor([[0.0, 1.0, 17 / 255, 254 / 255]]))  # 8-bit values pass, in float32 too

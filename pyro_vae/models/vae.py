@@ -232,7 +232,12 @@ def networks_and_likelihood(config, image_shape: Sequence[int]):
     """(encoder, decoder, likelihood) as a :class:`pyro_vae.config.ModelConfig` describes them."""
     encoder, decoder = build_networks(config.network, image_shape, config.z_dim, config.hidden_dims,
                                       config.activation)
-    return encoder, decoder, build_likelihood(config.likelihood, math.prod(image_shape))
+    likelihood = build_likelihood(config.likelihood, math.prod(image_shape))
+    per_pixel = getattr(likelihood, "outputs_per_pixel", 1)
+    if per_pixel > 1:  # (a 256-way categorical: its logits, level by level, as channels of the image)
+        shape = (image_shape[0] * per_pixel, *image_shape[1:])
+        decoder = build_networks(config.network, shape, config.z_dim, config.hidden_dims, config.activation)[1]
+    return encoder, decoder, likelihood
 
 
 @MODELS.register("vae", "the VAE: z ~ N(0, I), x | z ~ the likelihood, q(z|x) a diagonal Gaussian")
