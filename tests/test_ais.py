@@ -276,3 +276,20 @@ def test_the_cli_defaults_are_the_schedules():
     from pyro_vae.cli import AIS_DEFAULTS
 
     assert AIS_DEFAULTS == {"steps": Schedule().steps, "chains": Schedule().chains, "leapfrog": Schedule().leapfrog}
+
+
+def test_the_cost_script_runs_in_its_smoke_mode(tiny_run, tmp_path, data_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path as FilePath
+
+    script = FilePath(__file__).resolve().parents[1] / "experiments" / "ais_cost.py"
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), "--run", str(tiny_run), "--images", "3", "--smoke", "--json",
+                           str(tmp_path / "cost.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "cost.json").read_text())["rows"]
+    assert [(r["steps"], r["chains"]) for r in rows] == [(10, 2), (10, 4)]
+    assert all(r["seconds_per_image"] > 0 and 0 < r["decoder_share"] for r in rows)
