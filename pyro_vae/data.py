@@ -29,6 +29,9 @@ Data sets are registered in :data:`DATASETS`, each with a loader
   so neighbours are near-copies: a random split would put copies of test frames in the
   training set. The split is therefore contiguous and fixed: frames 1-1,765 train,
   frames 1,766-1,965 (the last 200) test. No labels.
+* ``frey-shuffled``: the same frames split as FFJORD and the Sylvester-flow papers report
+  Frey Face: shuffled, 1,565 train, 200 valid, 200 test (near copies of test frames then
+  train; the protocol's numbers are on that split).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ TEST_BINARIZATION_SEED = 1  # same binary test set for every evaluation of every
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 FREY_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
 FREY_TRAIN = 1765  # frames 0..1764 train, the last 200 frames test (see the module docstring)
+FREY_SHUFFLE_SEED = 0  # frey-shuffled: the permutation of the published protocol's split
 
 DATASETS = Registry("dataset")
 
@@ -191,9 +195,33 @@ def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
     return ImageData(images, None, binary=True)
 
 
-@DATASETS.register("frey", "Frey Face, 1,965 grey 28 x 20 faces: the first 1,765 frames train, the last 200 test")
+@DATASETS.register("frey", "Frey Face, 1,965 grey 28 x 20 faces, split in time: the first 1,765 frames train, "
+                           "the last 200 test")
 def _load_frey(split: str, root: Path, download: bool) -> ImageData:
     train = _train_or_test("frey", split)
+    frames = _frey_frames(root, download)
+    frames = frames[:FREY_TRAIN] if train else frames[FREY_TRAIN:]
+    return ImageData(torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0), None, binary=False)
+
+
+@DATASETS.register("frey-shuffled", "Frey Face as FFJORD and the Sylvester-flow papers split it: the 1,965 frames "
+                                    "shuffled (seed 0), 1,565 train, 200 valid, 200 test")
+def _load_frey_shuffled(split: str, root: Path, download: bool) -> ImageData:
+    """The published protocol's split (Grathwohl et al. 2019, Table 3; van den Berg et al. 2018):
+    a shuffled 1,565 / 200 / 200 split. Their permutation is not published; this one is
+    numpy's ``default_rng(0).permutation(1965)``. Neighbouring frames of the video are near
+    copies, so test faces have near copies among the training faces, as in that protocol."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"frey-shuffled has splits 'train', 'valid' and 'test', not {split!r}")
+    frames = _frey_frames(root, download)
+    order = np.random.default_rng(FREY_SHUFFLE_SEED).permutation(frames.shape[0])
+    start, stop = {"train": (0, 1565), "valid": (1565, 1765), "test": (1765, 1965)}[split]
+    chosen = frames[np.sort(order[start:stop])]
+    return ImageData(torch.from_numpy(np.ascontiguousarray(chosen)).float().div_(255.0), None, binary=False)
+
+
+def _frey_frames(root: Path, download: bool) -> np.ndarray:
+    """All 1,965 frames, ``(1965, 1, 28, 20)`` uint8, in the video's order."""
     folder = root / "frey"
     path = folder / "frey_rawface.mat"
     if not path.exists():
@@ -209,10 +237,7 @@ def _load_frey(split: str, root: Path, download: bool) -> ImageData:
     from scipy.io import loadmat
 
     # 'ff' is (560, 1965): one column per frame, each frame 28 rows of 20 pixels, row-major
-    frames = loadmat(str(path))["ff"].T.reshape(-1, 1, 28, 20)
-    frames = frames[:FREY_TRAIN] if train else frames[FREY_TRAIN:]
-    images = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
-    return ImageData(images, None, binary=False)
+    return loadmat(str(path))["ff"].T.reshape(-1, 1, 28, 20)
 
 
 def _read_amat(path: Path) -> np.ndarray:

@@ -173,3 +173,22 @@ def test_train_with_a_data_dir_that_does_not_exist_leaves_it_absent(tmp_path, of
                  "--no-progress"]) == 1
     assert "the download failed" in capsys.readouterr().err
     assert not data.exists()
+
+
+def test_frey_shuffled_is_the_protocols_1565_200_200_split_of_every_frame_once(data_dir):
+    from pyro_vae.data import DATASETS
+
+    parts = {split: DATASETS["frey-shuffled"](split, data_dir, False).images for split in ("train", "valid", "test")}
+    assert [p.shape[0] for p in parts.values()] == [1565, 200, 200]
+    frames = torch.cat([DATASETS["frey"](split, data_dir, False).images for split in ("train", "test")])
+    flat = frames.reshape(frames.shape[0], -1)
+    index = {tuple(row.tolist()): i for i, row in enumerate(flat)}  # (the video has no two equal frames)
+    assert len(index) == 1965
+    taken = [index[tuple(row.tolist())] for p in parts.values() for row in p.reshape(p.shape[0], -1)]
+    assert sorted(taken) == list(range(1965))  # disjoint, and every frame once
+    test_frames = [index[tuple(row.tolist())] for row in parts["test"].reshape(200, -1)]
+    assert max(test_frames) - min(test_frames) > 1500  # shuffled: from all over the video, not its end
+    again = DATASETS["frey-shuffled"]("test", data_dir, False).images
+    assert torch.equal(again, parts["test"])  # the same split every time
+    with pytest.raises(ValueError, match="'train', 'valid' and 'test'"):
+        DATASETS["frey-shuffled"]("validation", data_dir, False)
