@@ -117,7 +117,7 @@ def exits_cleanly(argv: list[str], capsys) -> None:
         assert re.search(r"^pyro-vae: error: \S", err, re.MULTILINE), err
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=command_lines("train"))
 def test_train_argument_parsing_never_crashes(argv, tmp_path, monkeypatch, capsys):
     """Everything ``pyro-vae train`` does before training, with training itself replaced

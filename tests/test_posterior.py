@@ -108,6 +108,7 @@ def test_gaps_against_the_exact_values():
                                                      abs=1e-9)
 
 
+@pytest.mark.slow
 def test_nuts_samples_the_exact_posterior():
     program, x = LinearGaussian(), images(1, seed=3)
     samples = nuts_posterior(program, x, num_samples=1000, warmup=300)
