@@ -14,17 +14,20 @@ and passed to :func:`pyro_vae.fit`; see docs/extending.md for how such a run loa
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import catalog
+from .registry import Registry
 
-def setting(default, help: str, *, minimum: float | None = None, registry: str | None = None,
+
+def setting(default, help: str, *, minimum: float | None = None, registry: Registry | None = None,
             choices: tuple[str, ...] | None = None, none_word: str | None = None, metavar: str | None = None):
     """A configuration field with what the CLI and validation need to know about it.
 
-    :param registry: ``"module:NAME"`` of the :class:`pyro_vae.registry.Registry` whose
-        names are the valid values (looked up when validating, so config imports no model code).
+    :param registry: the :class:`pyro_vae.registry.Registry` (of :mod:`pyro_vae.catalog`)
+        whose names are the valid values; it names its members without importing them, so
+        config imports no model code.
     :param choices: a fixed list of valid values, with ``help`` saying what each means.
     :param minimum: the least valid value of a number (``0`` admits 0, ``1`` means positive).
     :param none_word: how the CLI spells the default ``None`` (``--train-limit all``).
@@ -36,13 +39,9 @@ def setting(default, help: str, *, minimum: float | None = None, registry: str |
     return field(default=default, metadata=meta)
 
 
-def registry_of(f: dataclasses.Field):
+def registry_of(f: dataclasses.Field) -> Registry | None:
     """The registry a field's values come from, or None."""
-    ref = f.metadata.get("registry")
-    if ref is None:
-        return None
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return f.metadata.get("registry")
 
 
 def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
@@ -108,14 +107,14 @@ def _field_kind(f: dataclasses.Field) -> type:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    model: str = setting("vae", "model family", registry="pyro_vae.models:MODELS")
+    model: str = setting("vae", "model family", registry=catalog.MODELS)
     z_dim: int = setting(50, "latent dimension", minimum=1)
     # one hidden layer of 400, as in Pyro's VAE tutorial
     hidden_dims: tuple[int, ...] = setting((400,), "hidden layer sizes of the encoder (the decoder mirrors them)",
                                            minimum=1, metavar="N")
-    activation: str = setting("softplus", "activation between layers", registry="pyro_vae.networks:ACTIVATIONS")
-    network: str = setting("mlp", "encoder and decoder networks", registry="pyro_vae.networks:NETWORKS")
-    likelihood: str = setting("bernoulli", "observation model p(x|z)", registry="pyro_vae.likelihoods:LIKELIHOODS")
+    activation: str = setting("softplus", "activation between layers", registry=catalog.ACTIVATIONS)
+    network: str = setting("mlp", "encoder and decoder networks", registry=catalog.NETWORKS)
+    likelihood: str = setting("bernoulli", "observation model p(x|z)", registry=catalog.LIKELIHOODS)
     # the decoder's output bias: torch's initialisation, or (Burda et al. 2016) the
     # likelihood's parameter for the training set's mean image
     decoder_bias: str = setting("random", "initial output bias of the decoder: random (torch's default) | data-mean "
@@ -176,7 +175,7 @@ class ProgramRecord:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    dataset: str = setting("mnist", "data set", registry="pyro_vae.data:DATASETS")
+    dataset: str = setting("mnist", "data set", registry=catalog.DATASETS)
     data_dir: str | None = setting(None, "data folder (default: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data)",
                                    metavar="FOLDER")
     # a fresh Bernoulli sample each epoch, as in Burda et al. (2015)
@@ -194,13 +193,13 @@ class TrainConfig(_Section):
     epochs: int = setting(10, "passes over the training set", minimum=1)
     batch_size: int = setting(128, "images per SVI step", minimum=1)
     lr: float = setting(1e-3, "Adam's learning rate", minimum=0)
-    estimator: str = setting("trace", "ELBO estimator", registry="pyro_vae.objectives:ESTIMATORS")
-    engine: str = setting("captured", "how a step runs", registry="pyro_vae.steps:ENGINES")
+    estimator: str = setting("trace", "ELBO estimator", registry=catalog.ESTIMATORS)
+    engine: str = setting("captured", "how a step runs", registry=catalog.ENGINES)
     num_particles: int = setting(1, "samples of z per image in each ELBO estimate", minimum=1)
     seed: int = setting(0, "seed of every random choice of the run", minimum=0)
     device: str = setting("auto", "auto | cpu | cuda[:N]  (auto: CUDA when available)")
     eval_batch_size: int = setting(1000, "images per batch when evaluating", minimum=1)
-    objective: str = setting("elbo", "what training maximises", registry="pyro_vae.objectives:OBJECTIVES")
+    objective: str = setting("elbo", "what training maximises", registry=catalog.OBJECTIVES)
     beta: float = setting(1.0, "weight of the KL term (beta-VAE, Higgins et al. 2017)", minimum=0)
     kl_warmup_epochs: int = setting(0, "raise the KL weight linearly from ~0 to beta over this many epochs",
                                     minimum=0)

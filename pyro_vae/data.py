@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .registry import Registry
+from .catalog import DATASETS
 
 DATA_DIR_ENV = "PYRO_VAE_DATA"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "pyro_vae" / "data"
@@ -56,9 +56,6 @@ BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binar
 FREY_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
 FREY_TRAIN = 1765  # frames 0..1764 train, the last 200 frames test (see the module docstring)
 FREY_SHUFFLE_SEED = 0  # frey-shuffled: the permutation of the published protocol's split
-
-DATASETS = Registry("dataset")
-
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data set's files are not in the data directory and could not be downloaded."""
@@ -125,12 +122,10 @@ def _train_or_test(name: str, split: str) -> bool:
     return split == "train"
 
 
-@DATASETS.register("mnist", "MNIST digits, 60,000 + 10,000 grey 28 x 28 images")
 def _load_mnist(split: str, root: Path, download: bool) -> ImageData:
     return _load_torchvision("mnist", _train_or_test("mnist", split), root, download)
 
 
-@DATASETS.register("fashion-mnist", "Fashion-MNIST clothes, 60,000 + 10,000 grey 28 x 28 images")
 def _load_fashion_mnist(split: str, root: Path, download: bool) -> ImageData:
     return _load_torchvision("fashion-mnist", _train_or_test("fashion-mnist", split), root, download)
 
@@ -172,7 +167,6 @@ def _expected_files(klass) -> list[str]:
     return [os.path.splitext(os.path.basename(url))[0] for url, _ in klass.resources]
 
 
-@DATASETS.register("binarized-mnist", "Larochelle & Murray's fixed binarisation of MNIST, 50,000 + 10,000 (+ 10,000 valid)")
 def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
     if split not in ("train", "valid", "test"):
         raise ValueError(f"binarized-mnist has splits 'train', 'valid' and 'test', not {split!r}")
@@ -195,8 +189,6 @@ def _load_binarized_mnist(split: str, root: Path, download: bool) -> ImageData:
     return ImageData(images, None, binary=True)
 
 
-@DATASETS.register("frey", "Frey Face, 1,965 grey 28 x 20 faces, split in time: the first 1,765 frames train, "
-                           "the last 200 test")
 def _load_frey(split: str, root: Path, download: bool) -> ImageData:
     train = _train_or_test("frey", split)
     frames = _frey_frames(root, download)
@@ -204,8 +196,6 @@ def _load_frey(split: str, root: Path, download: bool) -> ImageData:
     return ImageData(torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0), None, binary=False)
 
 
-@DATASETS.register("frey-shuffled", "Frey Face as FFJORD and the Sylvester-flow papers split it: the 1,965 frames "
-                                    "shuffled (seed 0), 1,565 train, 200 valid, 200 test")
 def _load_frey_shuffled(split: str, root: Path, download: bool) -> ImageData:
     """The published protocol's split (Grathwohl et al. 2019, Table 3; van den Berg et al. 2018):
     a shuffled 1,565 / 200 / 200 split. Their permutation is not published; this one is

@@ -30,10 +30,7 @@ from torch.distributions.utils import broadcast_all
 from torch.nn.functional import binary_cross_entropy_with_logits, logsigmoid, softplus
 
 from . import networks
-from .registry import Registry
-
-LIKELIHOODS = Registry("likelihood")
-
+from .catalog import LIKELIHOODS
 
 class BernoulliImage(dist.Independent):
     r"""``Bernoulli(logits).to_event(1)``, scored in three passes over the logits.
@@ -113,7 +110,6 @@ class Likelihood(nn.Module):
             )
 
 
-@LIKELIHOODS.register("bernoulli", "binary pixels, x ~ Bernoulli(logits = decoder output); grey images are binarised")
 class BernoulliLikelihood(Likelihood):
     r"""x_d | z ~ Bernoulli(sigmoid(f_d(z))), independently over the D pixels.
 
@@ -195,8 +191,6 @@ class ContinuousBernoulliImage(dist.Independent):
         return cb_mean(self.base_dist.logits)
 
 
-@LIKELIHOODS.register("continuous-bernoulli",
-                      "grey values in [0, 1], the continuous Bernoulli with its normalising constant")
 class ContinuousBernoulliLikelihood(Likelihood):
     r"""x_d | z ~ ContinuousBernoulli(lambda_d = sigmoid(f_d(z))) on [0, 1] (Loaiza-Ganem &
     Cunningham, 2019):
@@ -264,7 +258,6 @@ class _GaussianLikelihood(Likelihood):
         return ~torch.isfinite(x)
 
 
-@LIKELIHOODS.register("gaussian", "grey values, x ~ Normal(sigmoid(decoder output), learned scale per pixel)")
 class GaussianLikelihood(_GaussianLikelihood):
     __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale per pixel."
     name = "gaussian"
@@ -273,8 +266,6 @@ class GaussianLikelihood(_GaussianLikelihood):
         super().__init__(x_dim, (int(x_dim),))
 
 
-@LIKELIHOODS.register("gaussian-shared",
-                      "grey values, x ~ Normal(sigmoid(decoder output), one learned scale for all pixels)")
 class SharedScaleGaussianLikelihood(_GaussianLikelihood):
     __doc__ = _GaussianLikelihood.__doc__ + "\n    One learned scale shared by all pixels."
     name = "gaussian-shared"
@@ -376,8 +367,6 @@ class _EightBitLikelihood(Likelihood):
         return ~eight_bit.check(x)
 
 
-@LIKELIHOODS.register("discretized-logistic",
-                      "8-bit grey values, a logistic(decoder output, learned scale per pixel) discretised to 256 bins")
 class DiscretizedLogisticLikelihood(_EightBitLikelihood):
     r"""x_d * 255 | z ~ a logistic with location f_d(z) (in units of [0, 1]) and a learned
     per-pixel scale ``MIN_SCALE + softplus(raw)``, discretised to the 256 pixel values
@@ -441,7 +430,6 @@ class CategoricalImage(dist.TorchDistribution):
         return (self.logits.exp() * values).sum(-1)
 
 
-@LIKELIHOODS.register("categorical-256", "8-bit grey values, a 256-way softmax per pixel from the decoder")
 class Categorical256Likelihood(_EightBitLikelihood):
     r"""x_d * 255 | z ~ Categorical(softmax(f_{d,0..255}(z))): the decoder gives 256 logits per
     pixel (``outputs_per_pixel``; its outputs are read as 256 blocks of D, level by level),

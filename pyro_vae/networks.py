@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import Registry
+from .catalog import ACTIVATIONS, NETWORKS
 
 
 SOFTPLUS_FORMS = ("torch", "exp-log")
@@ -159,16 +159,6 @@ class Softplus(nn.Module):
         return softplus(h)
 
 
-ACTIVATIONS = Registry("activation")
-ACTIVATIONS.add("relu", nn.ReLU, "max(0, h)")
-ACTIVATIONS.add("softplus", Softplus, "log(1 + e^h)")
-ACTIVATIONS.add("tanh", nn.Tanh, "tanh(h) (Burda et al. 2015)")
-ACTIVATIONS.add("elu", nn.ELU, "exponential linear unit")
-ACTIVATIONS.add("gelu", nn.GELU, "Gaussian error linear unit")
-
-NETWORKS = Registry("network")
-
-
 def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
@@ -289,13 +279,11 @@ def _check_conv_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(s) for s in image_shape)  # type: ignore[return-value]
 
 
-@NETWORKS.register("mlp", "fully connected layers of --hidden-dims")
 def mlp_pair(image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str):
     x_dim = math.prod(image_shape)
     return MLPEncoder(x_dim, z_dim, hidden_dims, act), MLPDecoder(x_dim, z_dim, hidden_dims, act)
 
 
-@NETWORKS.register("conv", "two stride-2 convolutions (H, W divisible by 4), then the last of --hidden-dims")
 def conv_pair(image_shape: Sequence[int], z_dim: int, hidden_dims: Sequence[int], act: str):
     return ConvEncoder(image_shape, z_dim, hidden_dims, act), ConvDecoder(image_shape, z_dim, hidden_dims, act)
 

@@ -37,11 +37,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
-from .registry import Registry
-
-ESTIMATORS = Registry("estimator")
-OBJECTIVES = Registry("objective")
-
+from .catalog import ESTIMATORS, OBJECTIVES
 
 class _OnDeviceLoss:
     """``differentiable_loss`` without host reads: the mean over particles of the ELBO
@@ -77,7 +73,6 @@ def sample_sites(trace):
     return [site for site in trace.nodes.values() if site["type"] == "sample" and type(site["fn"]).__name__ != "_Subsample"]
 
 
-@ESTIMATORS.register("trace", "Trace_ELBO: Monte Carlo KL at reparameterised samples")
 class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
     r""":class:`pyro.infer.Trace_ELBO` whose differentiable loss stays on the device.
 
@@ -97,7 +92,6 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
         return elbo, -surrogate_loss
 
 
-@ESTIMATORS.register("meanfield", "TraceMeanField_ELBO: the KL in closed form where one exists")
 class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     r""":class:`pyro.infer.TraceMeanField_ELBO` whose differentiable loss stays on the device.
 
@@ -136,8 +130,6 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
         return _total(terms), None
 
 
-@ESTIMATORS.register("traceenum", "TraceEnum_ELBO: sites marked infer={'enumerate': 'parallel'} summed out exactly "
-                                  "(discrete latents)")
 class OnDeviceTraceEnum_ELBO(TraceEnum_ELBO):
     r""":class:`pyro.infer.TraceEnum_ELBO` without Pyro's NaN check of the loss.
 
@@ -161,8 +153,6 @@ class OnDeviceTraceEnum_ELBO(TraceEnum_ELBO):
         return -total / self.num_particles if self.num_particles > 1 else -total
 
 
-@ESTIMATORS.register("tracegraph", "TraceGraph_ELBO: score-function gradients with downstream costs only, for "
-                                   "latents drawn without reparameterisation")
 class OnDeviceTraceGraph_ELBO(TraceGraph_ELBO):
     r""":class:`pyro.infer.TraceGraph_ELBO` whose differentiable loss stays on the device.
 
@@ -188,8 +178,6 @@ class ImportanceWeightError(EstimatorNotApplicable):
     """A program, or a KL weight, for which the importance-weighted bound is not defined."""
 
 
-@ESTIMATORS.register("iwae", "the importance-weighted bound (Burda et al.): per image, log of the mean of K = "
-                             "--num-particles weights p(x, z) / q(z|x)")
 class ImportanceWeightedELBO(ELBO):
     r"""The importance-weighted bound (Burda, Grosse & Salakhutdinov, 2016) as a training loss.
 
@@ -302,7 +290,6 @@ class ImportanceWeightedELBO(ELBO):
         return self.max_plate_nesting - (1 if self.vectorize_particles and self.num_particles > 1 else 0)
 
 
-@ESTIMATORS.register("iwae-dreg", "iwae with the doubly reparameterised gradient for the guide (Tucker et al.)")
 class ImportanceWeightedELBO_DReG(ImportanceWeightedELBO):
     r"""The importance-weighted bound of :class:`ImportanceWeightedELBO` (the same value,
     bit for bit, for the same draws), with the doubly reparameterised gradient
@@ -532,12 +519,10 @@ def kl_weight(beta: float, warmup_epochs: int, progress: float) -> float:
     return float(beta) * min(1.0, progress / warmup_epochs)
 
 
-@OBJECTIVES.register("elbo", "the ELBO, with the KL term weighted by --beta and the warm-up")
 def elbo_objective(model, guide):
     return model, guide
 
 
-@OBJECTIVES.register("kl-only", "the KL term alone: the observed sites hidden (posterior collapse, on purpose)")
 def kl_only_objective(model, guide):
     return poutine.block(model, hide_fn=lambda msg: msg["type"] == "sample" and msg["is_observed"]), guide
 

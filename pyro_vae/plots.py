@@ -35,8 +35,8 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from . import views
+from .catalog import COMPARISONS, FIGURES
 from .evaluate import active_units, kl_per_dimension
-from .registry import Registry
 from .rng import forked_rng
 from .views import ViewUnavailable, posterior_means
 
@@ -627,10 +627,6 @@ def posterior_figure(program, images: torch.Tensor, path: str | Path, *, num_ima
     return _save(fig, path, pdf)
 
 
-FIGURES = Registry("figure")  # one run each: drawn by draw_figures
-COMPARISONS = Registry("comparison figure")  # several runs in one figure: drawn by draw_comparison
-
-
 @dataclass(frozen=True)
 class Figure:
     """One figure kind: what it needs of the program, and how it is drawn.
@@ -694,41 +690,33 @@ def _has_metrics(program, test, metrics) -> str | None:
     return None if metrics else "the run has no metrics yet (it has not finished an epoch)"
 
 
-@FIGURES.register("latent", "posterior means E_q[z|x] of the test images in 2-D (PCA or t-SNE beyond 2-D), "
-                            "coloured by class when the data set has labels")
 @needs("posterior_mean")
 def _draw_latent(program, test, metrics, path, opt: _Options) -> Path:
     return latent_figure(program, test.images, test.labels, path, method=opt.method, classes=test.classes,
                          seed=opt.seed, pdf=opt.pdf)
 
 
-@FIGURES.register("manifold", "decoder means E[x|z] over a 20x20 grid of z at prior quantiles (z_dim = 2 only)")
 @needs("z_dim", "image_shape", "decode", check=_two_dimensional)
 def _draw_manifold(program, test, metrics, path, opt: _Options) -> Path:
     return manifold_figure(program, path, seed=opt.seed, pdf=opt.pdf, label=views.labels_for(test.labels, 0))
 
 
-@FIGURES.register("samples", "decoder means E[x|z] of 64 draws z ~ p(z)")
 @needs("sample_prior", "decode")
 def _draw_samples(program, test, metrics, path, opt: _Options) -> Path:
     return samples_figure(program, path, seed=opt.seed, pdf=opt.pdf, labels=test.labels)
 
 
-@FIGURES.register("reconstructions", "test images above their reconstructions E[x | z = E_q[z|x]]")
 @needs("image_shape", "posterior_mean", "decode")
 def _draw_reconstructions(program, test, metrics, path, opt: _Options) -> Path:
     return reconstructions_figure(program, test.images, path, pdf=opt.pdf, labels=test.labels)
 
 
-@FIGURES.register("interpolation", "decoded paths between the posterior means of pairs of test images "
-                                   "(and slerp paths with --spherical)")
 @needs("image_shape", "posterior_mean", "decode", check=_two_images)
 def _draw_interpolation(program, test, metrics, path, opt: _Options) -> Path:
     return interpolation_figure(program, test.images, test.labels, path, spherical=opt.spherical, seed=opt.seed,
                                 pdf=opt.pdf)
 
 
-@FIGURES.register("dims", "per latent dimension: q(z_d|x) of a few test images, KL from the prior, activity")
 @needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
 def _draw_dims(program, test, metrics, path, opt: _Options) -> Path:
     kl = kl_per_dimension(program, test.images, labels=test.labels)
@@ -739,15 +727,12 @@ def _draw_dims(program, test, metrics, path, opt: _Options) -> Path:
     return dims_figure(loc, scale, kl, activity, path, pdf=opt.pdf)
 
 
-@FIGURES.register("curves", "ELBO, expected log-likelihood and KL per epoch, train and test")
 @needs(check=_has_metrics)
 def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
     density = not getattr(program, "binary_data", True)
     return curves_figure(metrics, path, density=density, pdf=opt.pdf)
 
 
-@FIGURES.register("posterior", "z_dim = 2: true posterior p(z|x) by NUTS against q(z|x) and the per-image "
-                               "optimum q*(z|x), for 4 test images (minutes: NUTS; only when asked for)")
 @needs("z_dim", "local_family", check=_two_dimensional, in_all=False)
 def _draw_posterior(program, test, metrics, path, opt: _Options) -> Path:
     return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log, labels=test.labels)
@@ -810,8 +795,6 @@ def draw_figures(
     return [FIGURES[name].draw(program, test, metrics, out / f"{name}.png", options) for name in todo]
 
 
-@COMPARISONS.register("comparison", "2-D posterior means of the same test images, one panel per run "
-                                    "(e.g. autoencoder, KL only, VAE)")
 @needs("z_dim", "posterior_mean", check=_two_dimensional)
 def _draw_comparison(named_programs, test, path, pdf) -> Path:
     panels = [(name, posterior_means(program, test.images, labels=test.labels)) for name, program in named_programs]
@@ -819,7 +802,6 @@ def _draw_comparison(named_programs, test, path, pdf) -> Path:
     return comparison_figure(panels, test.labels, path, classes=test.classes, prior_circles=circles, pdf=pdf)
 
 
-@COMPARISONS.register("kl-profile", "KL and activity per latent dimension of each run, sorted: posterior collapse")
 @needs("z_dim", "posterior_mean", "encode", check=_gaussian_posterior_and_prior)
 def _draw_kl_profile(named_programs, test, path, pdf) -> Path:
     profiles = [(name, kl_per_dimension(program, test.images, labels=test.labels),

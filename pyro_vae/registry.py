@@ -1,20 +1,41 @@
 """Registries: one per axis of choice (models, likelihoods, networks, data sets, ...).
 
 A registry maps a name to what builds it, with a one-line description. Configuration
-validation, CLI choices and CLI help all read from here, so adding a family is one
-registration beside its class::
+validation, CLI choices and CLI help all read from here. The built-in entries are declared
+in :mod:`pyro_vae.catalog` as ``(name, "module:attribute", description)`` and imported
+only when first used, so that ``pyro-vae --help`` and a mistyped flag answer without
+importing torch; adding a built-in family is one line there::
 
-    @LIKELIHOODS.register("bernoulli", "binary pixels, x ~ Bernoulli(logits)")
-    class BernoulliLikelihood: ...
+    LIKELIHOODS.declare("bernoulli", "pyro_vae.likelihoods:BernoulliLikelihood",
+                        "binary pixels, x ~ Bernoulli(logits)")
 
-The registries live in the modules that define their members (``MODELS`` in
-:mod:`pyro_vae.models`, ``LIKELIHOODS`` in :mod:`pyro_vae.likelihoods`, ...); this
-module only holds the class.
+Code of one's own registers at import, with the decorator, beside its class (it is listed
+once its module is imported, e.g. by the factory ``--program`` names)::
+
+    @LIKELIHOODS.register("poisson", "counts, x ~ Poisson(exp(decoder output))")
+    class PoissonLikelihood: ...
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Iterator
+
+
+class _Declared:
+    """``"module:attribute"``: a builder not imported yet."""
+
+    def __init__(self, target: str):
+        module, _, attribute = target.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"a declared builder is 'module:attribute', got {target!r}")
+        self.module, self.attribute = module, attribute
+
+    def resolve(self) -> Any:
+        value = importlib.import_module(self.module)
+        for part in self.attribute.split("."):
+            value = getattr(value, part)
+        return value
 
 
 class Registry:
@@ -38,9 +59,18 @@ class Registry:
             raise ValueError(f"a {self.kind} named {name!r} is already registered")
         self._entries[name] = (builder, description)
 
+    def declare(self, name: str, target: str, description: str) -> None:
+        """Register ``name`` as the object at ``target`` (``"package.module:attribute"``),
+        imported when the entry is first looked up."""
+        self.add(name, _Declared(target), description)
+
     def __getitem__(self, name: str):
         self.check(name)
-        return self._entries[name][0]
+        builder, description = self._entries[name]
+        if isinstance(builder, _Declared):
+            builder = builder.resolve()
+            self._entries[name] = (builder, description)
+        return builder
 
     def check(self, name: str, flag: str | None = None) -> None:
         """Raise ``ValueError`` naming the choices unless ``name`` is registered."""

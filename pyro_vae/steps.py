@@ -37,7 +37,7 @@ from pyro import poutine
 from pyro.infer.util import zero_grads
 
 from .capture import CapturedLoss
-from .registry import Registry
+from .catalog import ENGINES
 
 
 class NonFiniteError(FloatingPointError):
@@ -277,12 +277,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-ENGINES = Registry("engine")
-ENGINES.add("captured", CapturedEngine, "module, replaying a recording of the ELBO's forward pass (pyro_vae.capture)")
-ENGINES.add("module", ModuleEngine, "the ELBO as a torch module, one fused torch Adam")
-ENGINES.add("svi", SVIEngine, "pyro.infer.SVI with pyro.optim.Adam")
 
 
 def build_engine(name: str, program, model, guide, elbo, lr: float, validate: bool = True):

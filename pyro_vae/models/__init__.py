@@ -44,9 +44,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from ..registry import Registry
-
-MODELS = Registry("model")
+from ..catalog import MODELS
 
 
 def data_plate(x: torch.Tensor, num_data: int | None, index: torch.Tensor | None = None):
@@ -145,4 +143,4 @@ def _arguments(fn) -> set[str]:
     return {p.name for p in params}
 
 
-from . import ae, iaf, vae, vae2  # noqa: E402,F401  (register the built-in families)
+from . import ae, iaf, vae, vae2  # noqa: E402,F401  (the built-in families, declared in pyro_vae.catalog)

@@ -13,7 +13,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from . import MODELS
 from .vae import VAE, networks_and_likelihood
 
 
@@ -31,7 +30,6 @@ class Autoencoder(VAE):
         return poutine.mask(mask=False)  # no KL term: log p(z) and log q(z|x) are dropped, whatever the weight
 
 
-@MODELS.register("ae", "autoencoder baseline: the VAE's networks, a point-mass guide, no KL term")
 def autoencoder_from_config(config, image_shape):
     config.refuse_unused()
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)

@@ -29,7 +29,6 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..networks import GaussianHead, activation, mlp
-from . import MODELS
 from .vae import VAE, networks_and_likelihood
 
 POSTERIOR_MEAN_DRAWS = 64  # E_q[z|x] of a flow has no closed form: the mean of this many draws
@@ -109,8 +108,6 @@ class IAFVAE(VAE):
         return z.mean(0)
 
 
-@MODELS.register("vae-iaf", "the VAE with a flow guide: a Gaussian through --flow-steps inverse autoregressive "
-                            "transforms conditioned on the encoder (Kingma et al. 2016)")
 def iaf_vae_from_config(config, image_shape: Sequence[int]) -> IAFVAE:
     config.refuse_unused(uses=("flow_steps",))
     if config.network != "mlp":

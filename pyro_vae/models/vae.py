@@ -46,7 +46,7 @@ from torch import nn
 from ..distributions import DiagonalNormal, StandardNormal
 from ..likelihoods import BernoulliLikelihood, build_likelihood
 from ..networks import build_networks
-from . import MODELS, data_plate
+from . import data_plate
 
 
 class VAE(nn.Module):
@@ -240,7 +240,6 @@ def networks_and_likelihood(config, image_shape: Sequence[int]):
     return encoder, decoder, likelihood
 
 
-@MODELS.register("vae", "the VAE: z ~ N(0, I), x | z ~ the likelihood, q(z|x) a diagonal Gaussian")
 def vae_from_config(config, image_shape: Sequence[int]) -> VAE:
     config.refuse_unused()
     encoder, decoder, likelihood = networks_and_likelihood(config, image_shape)

@@ -36,7 +36,6 @@ from torch import nn
 
 from ..distributions import DiagonalNormal, StandardNormal
 from ..networks import MLPDecoder, MLPEncoder
-from . import MODELS
 from .vae import VAE, networks_and_likelihood
 
 
@@ -103,8 +102,6 @@ class TwoLayerVAE(VAE):
         return dist.Normal(*self.upper_decoder(z2)).sample()
 
 
-@MODELS.register("vae2", "two stochastic layers (Burda et al. 2016): z2 ~ N(0, I) -> z1 (--z-dim) -> x; "
-                         "--z2-dim and --z2-hidden-dims set the upper layer")
 def two_layer_vae_from_config(config, image_shape: Sequence[int]) -> TwoLayerVAE:
     config.refuse_unused(uses=("z2_dim", "z2_hidden_dims"))
     if config.network != "mlp":
