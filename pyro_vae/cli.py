@@ -4,6 +4,10 @@ Training flags are generated from the config dataclasses, so every flag maps 1:1
 config field (``--z-dim`` <-> ``ModelConfig.z_dim``); each flag's type, lower bound,
 choices and help come from the field's declaration and its registry
 (:func:`pyro_vae.config.setting`), never from a second copy here.
+
+Building the parser imports neither torch nor Pyro (the registries name their members
+without importing them, :mod:`pyro_vae.catalog`): ``--help`` and usage errors answer at
+once, and each command imports what it uses when it starts.
 """
 
 from __future__ import annotations
@@ -15,24 +19,22 @@ import os
 import sys
 from pathlib import Path
 
+from . import catalog
 from . import config as configuration
-from . import networks
+from .arguments import Parser
 from .config import SECTIONS, RunConfig, choices_of, registry_of
-from .train import TrainingInterrupted
 
 DEFAULT_OUT = Path("runs/latest")
 DEFAULT_EVERY = "10min"  # pyro_vae.checkpoint.DEFAULT_EVERY (checked by a test; the parser imports no torch)
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
+        from . import networks  # torch from here on: the work starts
+
         networks.softplus_setting()  # a mistyped $PYRO_VAE_SOFTPLUS stops here, before any work
         return args.func(args) or 0
-    except TrainingInterrupted as stop:
-        print(f"pyro-vae: {stop}", file=sys.stderr)
-        return 128 + stop.signum
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    parser = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model by SVI")
@@ -142,14 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="PNG", help="PNG path (default RUN_DIR/reconstructions.png)")
     p.set_defaults(func=cmd_reconstruct)
 
-    from .plots import COMPARISONS, FIGURES
-
     p = sub.add_parser("plot", help="figures of trained runs: latent space, manifold, samples, curves, ...")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
                    help="the run to draw; for --kind comparison or kl-profile one or more runs")
-    p.add_argument("--kind", default="all", choices=("all", *FIGURES, *COMPARISONS), metavar="KIND",
-                   help="which figure: all (every one the run's program can draw) | " + FIGURES.help()
-                        + " | several runs side by side: " + COMPARISONS.help() + " (default: all)")
+    figures, comparisons = catalog.FIGURES, catalog.COMPARISONS
+    p.add_argument("--kind", default="all", choices=("all", *figures, *comparisons), metavar="KIND",
+                   help="which figure: all (every one the run's program can draw) | " + figures.help()
+                        + " | several runs side by side: " + comparisons.help() + " (default: all)")
     p.add_argument("--out", type=Path, metavar="FOLDER", help="folder for the figures (default RUN_DIR/figures)")
     p.add_argument("--pdf", action="store_true", help="write a PDF beside each PNG")
     p.add_argument("--tsne", action="store_true", help="latent: t-SNE instead of PCA when z_dim > 2 (needs scikit-learn)")
@@ -321,6 +322,16 @@ def _trackers(args) -> list:
 
 
 def cmd_train(args) -> int:
+    from .train import TrainingInterrupted
+
+    try:
+        return _train(args)
+    except TrainingInterrupted as stop:
+        print(f"pyro-vae: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _train(args) -> int:
     from .checkpoint import Every
     from .train import train
 

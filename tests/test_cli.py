@@ -257,3 +257,55 @@ def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint_and_the_folde
     err = capsys.readouterr().err
     assert "no epoch had finished" in err and "holds no checkpoint" in err and "after epoch 0" not in err
     assert main(argv) == 0  # the same folder, without --overwrite
+
+
+# -- usage errors: the subcommand's usage, the nearest flag or choice, no prefixes ----------------
+
+
+@pytest.mark.parametrize(
+    "argv, usage, message",
+    [
+        (["train", "--epcohs", "3"], "usage: pyro-vae train [-h]",
+         "pyro-vae train: error: unrecognized arguments: --epcohs 3; did you mean --epochs?"),
+        (["train", "--epoch", "2"], "usage: pyro-vae train [-h]", "unrecognized arguments: --epoch 2; did you mean --epochs?"),
+        (["train", "--no-progres"], "usage: pyro-vae train [-h]", "did you mean --no-progress?"),
+        (["train", "--epcohs=3", "--bach-size", "2"], "usage: pyro-vae train [-h]",
+         "did you mean --epochs (for --epcohs), --batch-size (for --bach-size)?"),
+        (["train", "--model", "vea"], "usage: pyro-vae train [-h]",
+         "argument --model: invalid choice: 'vea' (choose from 'vae', 'ae', "),
+        (["train", "--model", "vea"], "usage: pyro-vae train [-h]", "; did you mean 'vae'?"),
+        (["train", "--likelihood", "gausian"], "usage: pyro-vae train [-h]", "did you mean 'gaussian'?"),
+        (["evaluate", "run", "--num-sample", "5"], "usage: pyro-vae evaluate [-h]", "did you mean --num-samples?"),
+        (["plot", "run", "--kind", "latnt"], "usage: pyro-vae plot [-h]", "did you mean 'latent'?"),
+        (["trian", "--epochs", "3"], "usage: pyro-vae [-h] COMMAND", "invalid choice: 'trian'"),
+        (["trian"], "usage: pyro-vae [-h] COMMAND", "did you mean 'train'?"),
+    ],
+)
+def test_usage_errors_show_the_subcommand_and_the_nearest_flag_or_choice(argv, usage, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(usage) and message in err
+
+
+def test_an_unknown_flag_far_from_every_flag_gets_no_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--frobnicate"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.endswith("unrecognized arguments: --frobnicate\n")
+
+
+def test_no_parser_takes_a_prefix_of_a_flag():
+    import argparse
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert parser.allow_abbrev is False and all(p.allow_abbrev is False for p in sub.choices.values())
+    for name, p in sub.choices.items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        for flag in flags:
+            prefix = flag[:-1]
+            if len(prefix) > 2 and not any(f == prefix for f in flags):
+                with pytest.raises(SystemExit):
+                    p.parse_args([prefix, "1"] + (["run"] if name != "train" else []))
