@@ -129,7 +129,7 @@ WRITER = """
 import sys, torch
 from pyro_vae import checkpoint
 for epoch in range(2, 100):
-    checkpoint.save({"epoch": epoch, "w": torch.full((25_000_000,), float(epoch))}, sys.argv[1])
+    checkpoint.save({"epoch": epoch, "w": torch.full((10_000_000,), float(epoch))}, sys.argv[1])
     print(epoch, flush=True)  # saved: the rename is done
 """
 
@@ -159,14 +159,14 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     proves the moment) leaves the previous checkpoint, complete."""
     path = tmp_path / "checkpoint.pt"
     for _ in range(3):  # the rare kill that comes just after a rename proves nothing: again
-        checkpoint.save({"epoch": 1, "w": torch.full((25_000_000,), 1.0)}, path)
+        checkpoint.save({"epoch": 1, "w": torch.full((10_000_000,), 1.0)}, path)
         left, saved = kill_while_a_temporary_exists(path, after=2)
         if left:
             break
     assert len(left) == 1, "the kill never landed inside a write"
     assert saved == [2]  # the writer was inside the save of epoch 3: the file must be epoch 2's, whole
     state = checkpoint.load(path)
-    assert state["epoch"] == 2 and torch.equal(state["w"], torch.full((25_000_000,), 2.0))
+    assert state["epoch"] == 2 and torch.equal(state["w"], torch.full((10_000_000,), 2.0))
 
 
 class PoisonAfter:
