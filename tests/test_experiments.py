@@ -39,6 +39,7 @@ def test_figures_script_smoke(tmp_path, data_dir):
     assert stdout.count("$ pyro-vae train") == 4  # the commands are printed for the docs
 
 
+@pytest.mark.slow
 def test_checkpoint_cost_script_smoke(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "checkpoint_cost.py"), "--smoke", "--every", "5",
@@ -144,6 +145,7 @@ def test_softplus_forms_script_smoke(tmp_path):
     assert json.loads(out.read_text())["pyro_vae_form"] in ("torch", "exp-log")
 
 
+@pytest.mark.slow
 def test_softplus_step_script_smoke():
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "softplus_step.py"), "--smoke"],
                           capture_output=True, text=True, timeout=300)
@@ -152,6 +154,7 @@ def test_softplus_step_script_smoke():
     assert len(row) == 1 and all(float(cell) > 0 for cell in row[0].strip("| ").split(" | ")[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["torch", "exp-log"])
 def test_profile_is_script_smoke(form):
     args = ["--images", "4", "--samples", "40", "--rows", "200", "--softplus", form]
@@ -209,6 +212,7 @@ def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
     assert not (tmp_path / "kept").exists()
 
 
+@pytest.mark.slow
 def test_iwae_table_archive_leaves_out_a_row_that_is_training(tmp_path):
     """A row whose run folder another process holds (it trains) is not copied: its copy
     could pair a checkpoint with metrics from another step. Its earlier copy stays."""
@@ -251,6 +255,7 @@ def _fake_run(folder, test_elbos, evaluated=None):
     return folder
 
 
+@pytest.mark.slow
 def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
     elbos = [-120.0 + 2 * e for e in range(13)]
     run = _fake_run(tmp_path / "run", elbos)
@@ -282,6 +287,7 @@ def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
     assert f"{tmp_path / 'rnu'} has no metrics.jsonl: give a run folder" in typo.stderr
 
 
+@pytest.mark.slow
 def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
     """--evaluate-at: the row stops at the epoch, a copy of it is evaluated, training goes on
     from there as if it had not stopped; the copy is tabled and archived with its row."""
