@@ -32,7 +32,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid, save_image
 
 from . import views
 from .catalog import COMPARISONS, FIGURES
@@ -43,8 +42,8 @@ from .views import ViewUnavailable, posterior_means
 
 class _OnFirstUse:
     """A module imported when one of its names is first used. matplotlib's pyplot takes
-    about 0.35 s to import; the CLI imports this module for the figure registry, so every
-    command (``train`` included) would otherwise pay for it."""
+    about 0.35 s to import; ``pyro-vae sample`` and ``reconstruct`` and TensorBoard's images
+    (:mod:`pyro_vae.callbacks`) import this module and draw no matplotlib figure."""
 
     def __init__(self, name: str):
         self._name = name
@@ -64,6 +63,23 @@ plt = _OnFirstUse("matplotlib.pyplot")
 mcolors = _OnFirstUse("matplotlib.colors")
 mpatches = _OnFirstUse("matplotlib.patches")
 mticker = _OnFirstUse("matplotlib.ticker")
+
+
+def make_grid(*args, **kwargs) -> torch.Tensor:
+    """``torchvision.utils.make_grid``, imported on first use: torchvision takes seconds to
+    import (its models import ``torch._dynamo``), which figures without image grids and
+    TensorBoard's images (:mod:`pyro_vae.callbacks`) need not pay."""
+    from torchvision.utils import make_grid as grid
+
+    return grid(*args, **kwargs)
+
+
+def save_image(*args, **kwargs) -> None:
+    """``torchvision.utils.save_image``, imported on first use (see :func:`make_grid`)."""
+    from torchvision.utils import save_image as save
+
+    save(*args, **kwargs)
+
 
 DPI = 100
 FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
