@@ -359,10 +359,9 @@ def evaluate_ais(program, images: torch.Tensor, schedule: Schedule = Schedule(),
 
     from . import checkpoint
     from .evaluate import _batches, _first
+    from .protocol import ProgramCall
     from .rng import forked_rng
     from .scoring import plate_depth
-
-    from .models import ProgramCall
 
     takes = ProgramCall(program).takes
     labels = labels if takes["y"] else None

@@ -30,6 +30,7 @@ from pyro.infer.enum import get_importance_trace
 
 from .capture import CaptureError, CapturedLoss
 from .objectives import log_densities, sample_sites
+from .protocol import ProgramCall
 from .rng import forked_rng
 from .scoring import Scorer, plate_depth
 from .views import ViewUnavailable, labels_for, posterior_means, require, standard_normal_prior
@@ -351,7 +352,6 @@ def evaluate_model(
     set's size (``num_data``); without them it is refused, since it has no posterior for
     other images.
     """
-    from .models import ProgramCall
     from .objectives import ImportanceWeightError
     from .scoring import ScoringError
 

@@ -32,50 +32,19 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import pyro
 import torch
 from torch.distributions import biject_to
 
 from .evaluate import Estimate, batch_log_weights, log_weights
+from .protocol import LocalFamily, ProgramCall, data_plate
 from .rng import forked_rng
 from .scoring import plate_depth
 
 
 class NoLocalFamily(ValueError):
     """The program's guide has no per-image parametric family to optimise."""
-
-
-@dataclass(frozen=True)
-class LocalFamily:
-    """The per-image family of a program's guide over one latent site.
-
-    ``parameters(x)``: the amortised parameters, a tuple of tensors ``(B, ...)``;
-    ``distribution(*params)``: the guide's distribution of ``site`` given them (one event per image);
-    ``constraints``: the support of each parameter (the optimiser works in unconstrained space).
-    """
-
-    site: str
-    parameters: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-    distribution: Callable[..., object]
-    constraints: tuple
-
-    def guide(self, params: Sequence[torch.Tensor]):
-        """A Pyro guide drawing ``site`` from this family at ``params``, one member per image."""
-
-        def guide(x, num_data=None, index=None, **_):
-            with _plate(x, num_data, index):
-                pyro.sample(self.site, self.distribution(*params))
-
-        return guide
-
-
-def _plate(x, num_data, index):
-    """The ``"data"`` plate of a family's guide: the one the model opens for the same call."""
-    from .models import data_plate
-
-    return data_plate(x, num_data, index)
 
 
 def local_family(program) -> LocalFamily:
@@ -156,7 +125,7 @@ class SiteFamily:
         sites = list(self.sites)
 
         def guide(x, num_data=None, index=None, **_):
-            with _plate(x, num_data, index):
+            with data_plate(x, num_data, index):
                 i = 0
                 for name, kind, event_dims in sites:
                     if kind == "real":
@@ -341,8 +310,6 @@ def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, el
     (:class:`SiteFamily`). ``labels`` reach programs that take ``y``; ``index`` and
     ``num_data`` (the images' positions in the training set, and its size) programs
     that keep parameters per training image, and take ``index``."""
-    from .models import ProgramCall
-
     if num_samples < 1 or elbo_samples < 1:
         raise ValueError(f"num_samples and elbo_samples must be at least 1, got {num_samples} and {elbo_samples}")
     family = gap_family(program)

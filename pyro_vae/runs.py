@@ -301,7 +301,7 @@ def load_weights(program: torch.nn.Module, state: dict, run_dir: Path) -> None:
 
 
 def _create_lazy_parameters(program: torch.nn.Module, state: dict) -> None:
-    from .models import ProgramCall
+    from .protocol import ProgramCall
     from .rng import forked_rng
     from .scoring import plate_depth
 

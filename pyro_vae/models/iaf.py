@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..networks import GaussianHead, activation, mlp
+from ..protocol import LocalFamily
 from .vae import VAE, networks_and_likelihood
 
 POSTERIOR_MEAN_DRAWS = 64  # E_q[z|x] of a flow has no closed form: the mean of this many draws
@@ -91,8 +92,6 @@ class IAFVAE(VAE):
 
     def local_family(self):
         """Per image: the Gaussian's (loc, scale) and the flow's context; the flow's weights are shared."""
-        from ..posterior import LocalFamily
-
         return LocalFamily("z", self.amortized_parameters, self.posterior,
                            (constraints.real, constraints.positive, constraints.real))
 

@@ -46,7 +46,7 @@ from torch import nn
 from ..distributions import DiagonalNormal, StandardNormal
 from ..likelihoods import BernoulliLikelihood, build_likelihood
 from ..networks import build_networks
-from . import data_plate
+from ..protocol import LocalFamily, data_plate
 
 
 class VAE(nn.Module):
@@ -154,8 +154,6 @@ class VAE(nn.Module):
     def local_family(self):
         """The guide's per-image family, N(loc, diag scale^2) over ``"z"`` (pyro_vae.posterior)."""
         from torch.distributions import constraints
-
-        from ..posterior import LocalFamily
 
         return LocalFamily("z", self.encode, self.posterior, (constraints.real, constraints.positive))
 
