@@ -53,3 +53,21 @@ def test_the_autoguide_enumeration_and_callback_examples_run_as_printed(number, 
         assert "+-" in res.stdout
     else:  # the callback saw both epochs
         assert "epoch 1: test ELBO" in res.stdout and "epoch 2: test ELBO" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_readme_first_look_runs_as_printed(tmp_path, data_dir):
+    readme = (REPO / "README.md").read_text()
+    commands, = re.findall(r"<!-- first-look -->\n```bash\n(.*?)```", readme, re.S)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "MPLBACKEND": "Agg",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    lines = commands.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [["pyro-vae", "train"], ["pyro-vae", "evaluate"], ["pyro-vae", "plot"]]
+    for command in lines:
+        res = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{command}\n{res.stdout}\n{res.stderr}"
+    run = tmp_path / "runs" / "first-look"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (run / "checkpoint.pt").exists() and (run / "config.json").exists()
+    assert {"latent.png", "samples.png", "curves.png"} <= {f.name for f in (run / "figures").glob("*.png")}
