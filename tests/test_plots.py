@@ -24,6 +24,7 @@ from pyro_vae import plots, views
 from pyro_vae.config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
 from pyro_vae.data import ImageData
 from pyro_vae.evaluate import active_units, batch_elbo_terms, kl_per_dimension
+from pyro_vae.figures import canvas
 from pyro_vae.models import data_plate
 from pyro_vae.models.ae import Autoencoder
 from pyro_vae.models.vae import VAE
@@ -93,13 +94,13 @@ class ModelAndGuideOnly(nn.Module):
 def drawn(monkeypatch):
     """The matplotlib figures a test draws, by file name, kept for inspection after saving."""
     figures = {}
-    save = plots._save
+    save = canvas.save  # (every figure module saves through it)
 
     def keep(fig, path, pdf):
         figures[Path(path).stem] = fig
         return save(fig, path, pdf)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(canvas, "save", keep)
     return figures
 
 
