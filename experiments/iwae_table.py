@@ -4,7 +4,7 @@
     python experiments/iwae_table.py --runs ~/iwae-table --rows 1-vae-1 1-iwae-5   # some rows only
     python experiments/iwae_table.py --runs ~/iwae-table --table-only             # the table of what is done
     python experiments/iwae_table.py --smoke --runs /tmp/iwae-smoke                # end to end in a minute
-    python experiments/iwae_table.py --runs ~/iwae-table --archive experiments/iwae-table-runs   # to commit
+    python experiments/iwae_table.py --runs ~/iwae-table --archive archive/iwae-table-runs/100-epochs   # to commit
     python experiments/iwae_table.py --runs ~/iwae-full --epochs 3280 --evaluate-at 121 364 1093 --rows 1-vae-1
 
 Rows: 1 and 2 stochastic layers x {VAE, IWAE} x k in {1, 5, 50} on dynamically binarised

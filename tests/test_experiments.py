@@ -203,6 +203,36 @@ def test_iwae_table_lists_the_copies_of_a_long_row_with_their_paired_gains(tmp_p
         "1.17 +- 0.17 lower than in at-13/ (paired)"]
 
 
+ARCHIVE = REPO / "archive" / "iwae-table-runs"  # the committed run folders (README there)
+
+
+@pytest.mark.slow
+def test_iwae_table_finds_and_resumes_the_committed_runs(tmp_path, data_dir):
+    """The folders under archive/iwae-table-runs, copied out as their README says, are the
+    script's runs: the evaluated rows are tabled, and the unfinished whole-schedule row
+    resumes from its checkpoint (here to the end of the epoch it stopped in)."""
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    script = [sys.executable, str(REPO / "experiments" / "iwae_table.py")]
+    table = tmp_path / "iwae-table"
+    shutil.copytree(ARCHIVE / "100-epochs", table)
+    proc = subprocess.run(script + ["--runs", str(table), "--table-only"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in sorted(p.name for p in (ARCHIVE / "100-epochs").iterdir() if (p / "iwae-table.json").exists()):
+        nll = json.loads((table / row / "iwae-table.json").read_text())["nll"]
+        assert f"| {nll:.2f} +- " in proc.stdout, row
+    full = tmp_path / "iwae-full"
+    shutil.copytree(ARCHIVE / "3280-epochs", full)
+    before = (full / "1-vae-1" / "metrics.jsonl").read_text().splitlines()
+    epoch = json.loads(before[-1])["epoch"]
+    proc = subprocess.run(script + ["--runs", str(full), "--rows", "1-vae-1", "--epochs", str(epoch + 1),
+                                    "--eval-samples", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming {full / '1-vae-1'} after epoch {epoch + 1}, step " in proc.stderr + proc.stdout
+    after = (full / "1-vae-1" / "metrics.jsonl").read_text().splitlines()
+    assert after[:-1] == before and json.loads(after[-1])["epoch"] == epoch + 1
+
+
 @pytest.mark.parametrize("mode", [["--table-only"], ["--archive", "kept"]])
 def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs",
