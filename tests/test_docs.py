@@ -71,3 +71,16 @@ def test_the_readme_first_look_runs_as_printed(tmp_path, data_dir):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert (run / "checkpoint.pt").exists() and (run / "config.json").exists()
     assert {"latent.png", "samples.png", "curves.png"} <= {f.name for f in (run / "figures").glob("*.png")}
+
+
+@pytest.mark.parametrize("command, default", [("sample", "RUN_DIR/samples.png"),
+                                              ("reconstruct", "RUN_DIR/reconstructions.png"),
+                                              ("graph", "RUN_DIR/model.png")])
+def test_the_readme_says_the_default_output_the_command_uses(command, default):
+    from pyro_vae.cli import build_parser
+
+    line, = [l for l in (REPO / "README.md").read_text().splitlines() if l.startswith(f"pyro-vae {command} RUN_DIR")]
+    assert f"default: {default}" in line and ("--out PNG" in line or "--out FILE" in line)
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    out, = [a for a in sub._actions if "--out" in a.option_strings]
+    assert f"default {default}" in out.help  # what the command does is what the README says
