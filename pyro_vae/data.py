@@ -40,6 +40,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,38 @@ def _load_fashion_mnist(split: str, root: Path, download: bool) -> ImageData:
     return _load_torchvision("fashion-mnist", _train_or_test("fashion-mnist", split), root, download)
 
 
+_IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's layout under the data folder
+_IDX_CLASSES = {
+    "mnist": ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+              "8 - eight", "9 - nine"),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
+
+
+def _read_idx(path: Path) -> torch.Tensor | None:
+    """An IDX file of unsigned bytes (LeCun's format of MNIST): 4 bytes of magic, the last
+    of them the number of dimensions, a big-endian uint32 per dimension, then the data."""
+    raw = path.read_bytes()
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":  # zero, zero, 0x08 = unsigned bytes
+        return None
+    dims = raw[3]
+    shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+    if len(raw) != 4 + 4 * dims + int(np.prod(shape)):
+        return None  # truncated or padded: torchvision's reader says what is wrong
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy())
+
+
 def _load_torchvision(name: str, train: bool, root: Path, download: bool) -> ImageData:
+    # files already there are read without torchvision, whose import takes seconds
+    raw = root / _IDX_FOLDERS[name] / "raw"
+    prefix = "train" if train else "t10k"
+    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if images_file.is_file() and labels_file.is_file():
+        images, labels = _read_idx(images_file), _read_idx(labels_file)
+        if images is not None and labels is not None and images.dim() == 3 and labels.shape == images.shape[:1]:
+            return ImageData(images.unsqueeze(1).float().div_(255.0), labels.long(), binary=False,
+                             classes=_IDX_CLASSES[name])
     from torchvision import datasets
 
     klass = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -253,15 +254,29 @@ def _parse_metrics(path: Path) -> tuple[list[dict], bool]:
     return records, torn
 
 
-def versions(device: torch.device) -> dict[str, str]:
-    import torchvision
+def _torchvision_version() -> str:
+    """``torchvision.__version__`` (with its build, ``+cpu``) read from its file: importing
+    torchvision takes seconds, and a run of a data set it does not read need not pay them."""
+    module = sys.modules.get("torchvision")
+    if module is not None:
+        return module.__version__
+    try:
+        spec = importlib.util.find_spec("torchvision")
+        text = Path(spec.submodule_search_locations[0], "version.py").read_text()
+        return re.search(r"^__version__ = '([^']+)'", text, re.M).group(1)
+    except (AttributeError, OSError, TypeError):  # another layout: ask torchvision itself
+        import torchvision
 
+        return torchvision.__version__
+
+
+def versions(device: torch.device) -> dict[str, str]:
     from . import __version__
 
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _torchvision_version(),
         "pyro": pyro.__version__,
         "pyro_vae": __version__,
         "device": str(device),
