@@ -496,7 +496,7 @@ def cmd_evaluate(args) -> int:
         return 0
     kind = ("densities: nats per image of grey values in [0, 1]" if continuous else
             "nats per image: log-probabilities of the 8-bit pixel values" if eight_bit else "nats per image")
-    print(f"{run.run_dir} after {run.epoch} epochs, {images.shape[0]} {args.split} images ({kind}; mean +- its s.e. over "
+    print(f"{run.run_dir} after {_epochs(run.epoch)}, {images.shape[0]} {args.split} images ({kind}; mean +- its s.e. over "
           "the images, +- its Monte Carlo s.e. for these images)")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
@@ -532,6 +532,10 @@ def _ais_log_px(run, images, labels, where, schedule, args, what: str, bdmc: boo
                             progress=lambda t: bar.update(1), bdmc=bdmc, **where)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def cmd_bdmc(args) -> int:
     from .evaluate import Estimate
 
@@ -549,7 +553,7 @@ def cmd_bdmc(args) -> int:
                           "schedule": dataclasses.asdict(schedule),
                           **{k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()}}))
         return 0
-    print(f"{run.run_dir} after {run.epoch} epochs: {args.num} images simulated from the model, AIS with "
+    print(f"{run.run_dir} after {_epochs(run.epoch)}: {args.num} images simulated from the model, AIS with "
           f"{schedule.steps} distributions, {schedule.chains} chains, {schedule.leapfrog} leapfrog steps "
           "(nats per image, mean +- s.e. over the images)")
     print(f"  log p(x) >= {report['lower']}   (forward AIS from the prior)")
@@ -585,7 +589,7 @@ def cmd_gaps(args) -> int:
         out.update({k: {"mean": e.mean, "stderr": e.stderr} for k, e in report.items()})
         print(json.dumps(out))
         return 0
-    print(f"{run.run_dir} after {run.epoch} epochs, {test.images.shape[0]} {args.split} images, K = {args.num_samples} "
+    print(f"{run.run_dir} after {_epochs(run.epoch)}, {test.images.shape[0]} {args.split} images, K = {args.num_samples} "
           "(nats per image, mean +- s.e.)")
     names = {"log_px": "log p(x)" + (" (AIS)" if schedule is not None else ""), "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
              "inference_gap": "inference gap", "approximation_gap": "  approximation", "amortization_gap":

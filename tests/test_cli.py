@@ -75,6 +75,7 @@ def test_evaluate_text(run_dir, capsys):
     out = capsys.readouterr().out
     assert "log_px_is5" in out and "+-" in out
     assert "active units     z " in out and "/4" in out
+    assert f"{run_dir} after 1 epoch, 10 test images" in out  # (one epoch, not "1 epochs")
 
 
 def test_sample_and_reconstruct_write_pngs(run_dir, tmp_path):
