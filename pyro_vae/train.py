@@ -35,8 +35,8 @@ from .callbacks import Callbacks
 from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
 from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
-from .models import ProgramCall
 from .objectives import build_elbo, kl_weight, training_program
+from .protocol import ProgramCall
 from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
                    build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
                    write_json)
@@ -167,7 +167,7 @@ def fit(
     """Train ``program`` by SVI, writing ``run_dir`` as it goes; returns the trained :class:`Run`.
 
     :param program: a :class:`torch.nn.Module` with Pyro ``model`` and ``guide`` methods
-        (the protocol of :mod:`pyro_vae.models`), owning every learned tensor.
+        (the protocol of :mod:`pyro_vae.protocol`), owning every learned tensor.
     :param data: a :class:`~pyro_vae.config.DataConfig` (a registered data set, recorded in
         the run, binarised when the program's ``binary_data`` says so), or the training
         images themselves (an :class:`~pyro_vae.data.ImageData` with labels, or a tensor
@@ -205,229 +205,309 @@ def fit(
 
 def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume, overwrite, progress, log,
          callbacks, every, if_present, _state, _record, _seeded) -> Run:
+    config, state = _run_config(program, data, run_dir, settings, factory, resume, overwrite, if_present, _state,
+                                _record)
+    training = _Training(held, config, state, run_dir, every, overwrite, if_present)
+    training.set_up(program, data, test, binarize, progress, log, callbacks, _seeded)
+    training.restore()
+    if training.finished():
+        return Run(training.program, config, run_dir, training.device, state["epoch"])
+    training.build_engine()
+    with pyro.get_param_store().scope(), _StopRequests() as stop:
+        training.start(stop)
+        for epoch in range(training.position["epoch"], config.train.epochs):
+            training.run_epoch(epoch)
+        training.hooks.call("on_train_end", training.watched)
+    return Run(training.program, config, run_dir, training.device, config.train.epochs)
+
+
+def _run_config(program, data, run_dir, settings, factory, resume, overwrite, if_present, state, record):
+    """The run's configuration and, when it resumes, its checkpoint's state: the stored
+    configuration (checked against the one asked for), or a new run's (its folder checked)."""
     settings = settings if settings is not None else TrainConfig()
-    record = _record if _record is not None else _program_record(program, factory)
-    data_config = data if isinstance(data, DataConfig) else None
-    config = RunConfig(record, data_config, settings)
-    state = _state
+    record = record if record is not None else _program_record(program, factory)
+    config = RunConfig(record, data if isinstance(data, DataConfig) else None, settings)
     if resume and state is None:
-        stored, state = _stored_run(config, run_dir, if_present)
-        config = stored
+        config, state = _stored_run(config, run_dir, if_present)
     elif not resume and _leader():
         _refuse_other_run(run_dir, overwrite)
-    cfg = config.train
-    device = resolve_device(cfg.device)
-    group = distributed.from_environment(device)  # None unless torchrun started several processes
-    device = distributed.device_for(group, device)
-    leader = group is None or group.leader
-    if not leader:  # rank 0 alone prints and writes
-        progress, log = False, _quiet
-    hooks = Callbacks(callbacks if leader else ())  # under torchrun, rank 0 alone calls them
-    call = ProgramCall(program)
-    binary = bool(getattr(program, "binary_data", False))
+    return config, state
 
-    if data_config is not None:
-        train_data = load_data(data_config, "train", device)
-        test_data = test_set(load_data(data_config, "test", device), binary)
-        binarize = data_config.binarize if binary else None
-    else:
-        train_data = _as_image_data(data, "data").to(device)
-        test_data = _as_image_data(test, "test").to(device) if test is not None else None
-    if cfg.batch_size > len(train_data):
-        raise ValueError(
-            f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images; "
-            "use a smaller --batch-size"
-        )
-    training_set = TrainingSet(train_data, binarize, cfg.seed)
-    check_data = getattr(program, "check_data", None)
-    if check_data is not None and test_data is not None:
-        check_data(test_data.images, "the test images")
-    needs_weight = cfg.beta != 1 or cfg.kl_warmup_epochs > 0
-    call.kwargs({"x": train_data.images[:1]}, num_data=1, kl_weight=0.5 if needs_weight else 1.0)
 
-    if not _seeded:  # (train() seeded before it built the program, and the stream goes on from there)
-        rng.set_seed(cfg.seed)
-    program = program.to(device)
-    initialize = getattr(program, "initialize_from_data", None)
-    if state is None and initialize is not None:
-        # dynamically binarised images are the grey ones in expectation
-        initialize(training_set.data.images if training_set.dynamic else training_set.images(0))
-    n = len(training_set)
+class _Training:
+    """One call of :func:`fit`, in the order :func:`_fit` takes its steps: :meth:`set_up`
+    (device, data, program), :meth:`restore` (a checkpoint's state), :meth:`build_engine`,
+    :meth:`start` (the run folder), then :meth:`run_epoch` for each epoch, each made of
+    :meth:`step` and :meth:`end_epoch`. The attributes are the loop's state."""
 
-    def batch_of(images, labels, idx, weight):
-        index = idx if isinstance(idx, torch.Tensor) else torch.arange(n, device=device)[idx]
+    def __init__(self, held, config: RunConfig, state: dict | None, run_dir: Path, every: checkpoint.Every,
+                 overwrite: bool, if_present: bool):
+        self.held, self.config, self.cfg, self.state = held, config, config.train, state
+        self.run_dir, self.every, self.overwrite, self.if_present = run_dir, every, overwrite, if_present
+
+    def set_up(self, program, data, test, binarize, progress, log, callbacks, seeded: bool) -> None:
+        """The device and processes, the data, and the program on the device: seeded, and
+        its learned tensors checked (and created) on a first batch."""
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        self.group = group = distributed.from_environment(device)  # None unless torchrun started several processes
+        self.device = device = distributed.device_for(group, device)
+        self.leader = group is None or group.leader
+        if not self.leader:  # rank 0 alone prints and writes
+            progress, log = False, _quiet
+        self.progress, self.log = progress, log
+        self.hooks = Callbacks(callbacks if self.leader else ())  # under torchrun, rank 0 alone calls them
+        self.call = ProgramCall(program)
+        self._load_data(program, data, test, binarize)
+        needs_weight = cfg.beta != 1 or cfg.kl_warmup_epochs > 0
+        self.call.kwargs({"x": self.train_data.images[:1]}, num_data=1, kl_weight=0.5 if needs_weight else 1.0)
+
+        if not seeded:  # (train() seeded before it built the program, and the stream goes on from there)
+            rng.set_seed(cfg.seed)
+        self.program = program = program.to(device)
+        initialize = getattr(program, "initialize_from_data", None)
+        if self.state is None and initialize is not None:
+            # dynamically binarised images are the grey ones in expectation
+            initialize(self.training_set.data.images if self.training_set.dynamic else self.training_set.images(0))
+        self.n = len(self.training_set)
+        self.model, self.guide = training_program(program, cfg.objective)
+        first_batch = self.batch_of(self.training_set.images(0), self.training_set.labels,
+                                    slice(0, cfg.batch_size), 1.0)
+        # One call shows which tensors Pyro sees, and creates the parameters a program makes on
+        # its first call (Pyro's autoguides): before the optimiser is built and before a
+        # checkpoint's weights are loaded. It also reads the program's plate depth.
+        with pyro.get_param_store().scope(), rng.forked_rng(CHECK_SEED):
+            self.depth = check_learned_tensors(program, self.model, self.guide, cfg.engine, **first_batch)
+
+    def _load_data(self, program, data, test, binarize) -> None:
+        """The training set and the test images on the device; the test images checked."""
+        cfg, device = self.cfg, self.device
+        binary = bool(getattr(program, "binary_data", False))
+        if isinstance(data, DataConfig):
+            train_data = load_data(data, "train", device)
+            self.test_data = test_set(load_data(data, "test", device), binary)
+            binarize = data.binarize if binary else None
+        else:
+            train_data = _as_image_data(data, "data").to(device)
+            self.test_data = _as_image_data(test, "test").to(device) if test is not None else None
+        if cfg.batch_size > len(train_data):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is larger than the {len(train_data)} training images; "
+                "use a smaller --batch-size"
+            )
+        self.train_data = train_data
+        self.training_set = TrainingSet(train_data, binarize, cfg.seed)
+        self.check_data = getattr(program, "check_data", None)
+        if self.check_data is not None and self.test_data is not None:
+            self.check_data(self.test_data.images, "the test images")
+
+    def batch_of(self, images, labels, idx, weight) -> dict:
+        """The keyword arguments of the program's call on the images ``idx`` at KL weight ``weight``."""
+        index = idx if isinstance(idx, torch.Tensor) else torch.arange(self.n, device=self.device)[idx]
         tensors = {"x": images[idx], "y": None if labels is None else labels[idx], "index": index}
-        return call.kwargs(tensors, num_data=n, kl_weight=weight)
+        return self.call.kwargs(tensors, num_data=self.n, kl_weight=weight)
 
-    model, guide = training_program(program, cfg.objective)
-    first_batch = batch_of(training_set.images(0), training_set.labels, slice(0, cfg.batch_size), 1.0)
-    # One call shows which tensors Pyro sees, and creates the parameters a program makes on
-    # its first call (Pyro's autoguides): before the optimiser is built and before a
-    # checkpoint's weights are loaded. It also reads the program's plate depth.
-    with pyro.get_param_store().scope(), rng.forked_rng(CHECK_SEED):
-        depth = check_learned_tensors(program, model, guide, cfg.engine, **first_batch)
-    if state is not None:
-        _check_resumable(state, config, run_dir)
-        load_weights(program, state, run_dir)
-        rng.set_state(state["rng"])
-        _resume_softplus(state, device, log)
-        if leader:
-            repair_metrics(run_dir / METRICS_NAME, state["epoch"], log)
-            for stale in checkpoint.stale_temporaries(run_dir):  # writes a kill cut short (under the lock)
-                stale.unlink(missing_ok=True)
-    if group is not None:
-        group.broadcast_module_(program)  # identical starting points, whatever each rank built
-        _rank_streams(group, cfg.seed, state, log)
-    num_steps = math.ceil(n / cfg.batch_size)
-    if state is not None and state["epoch"] >= cfg.epochs:
-        log(f"{run_dir} has finished its {state['epoch']} epochs; there is nothing to train. To train longer: "
-            f"pyro-vae train --resume {run_dir} --epochs N (N > {state['epoch']})")
-        return Run(program, config, run_dir, device, state["epoch"])
+    def restore(self) -> None:
+        """A resumed run's weights, noise streams and folder as its checkpoint left them; every
+        rank of a distributed run starting from the same weights."""
+        state, run_dir = self.state, self.run_dir
+        if state is not None:
+            _check_resumable(state, self.config, run_dir)
+            load_weights(self.program, state, run_dir)
+            rng.set_state(state["rng"])
+            _resume_softplus(state, self.device, self.log)
+            if self.leader:
+                repair_metrics(run_dir / METRICS_NAME, state["epoch"], self.log)
+                for stale in checkpoint.stale_temporaries(run_dir):  # writes a kill cut short (under the lock)
+                    stale.unlink(missing_ok=True)
+        if self.group is not None:
+            self.group.broadcast_module_(self.program)  # identical starting points, whatever each rank built
+            _rank_streams(self.group, self.cfg.seed, state, self.log)
+        self.num_steps = math.ceil(self.n / self.cfg.batch_size)
 
-    # With the program's own data check, each epoch's data is checked whole before its
-    # steps, so the steps run with Pyro's validation off: per step it would re-check the
-    # same pixels, and on CUDA every check is a host synchronisation.
-    validate = is_validation_enabled() if check_data is None else False
-    if validate:
-        log(f"note: {type(program).__name__} has no check_data(x), so every step runs with Pyro's validation on "
-            "(and eagerly); define check_data to check each epoch's data once instead")
-    engine = build_engine(cfg.engine, program, model, guide, build_elbo(cfg.estimator, cfg.num_particles, depth), cfg.lr,
-                          validate=validate)
-    if group is not None:
-        engine.distribute(group, program)
-        share = math.ceil(cfg.batch_size / group.world_size)
-        log(f"distributed: {group.world_size} processes ({group.backend}), each {share} of every {cfg.batch_size} "
-            "images per step")
-    if device.type == "cpu":
-        keep_freed_memory()
-    position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}
-    if state is not None:
-        engine.load_state_dict(state["optim"])
-        position = state["position"]
-        log(f"resuming {run_dir} after {_where(position)} (of {cfg.epochs} epochs)")
+    def finished(self) -> bool:
+        """Whether the resumed run has trained all its epochs already (then it says so)."""
+        state = self.state
+        if state is not None and state["epoch"] >= self.cfg.epochs:
+            self.log(f"{self.run_dir} has finished its {state['epoch']} epochs; there is nothing to train. To train "
+                     f"longer: pyro-vae train --resume {self.run_dir} --epochs N (N > {state['epoch']})")
+            return True
+        return False
 
-    with pyro.get_param_store().scope(), _StopRequests() as stop:
-        if state is None and leader:
-            held.enter_context(_new_run_dir(run_dir, overwrite))
+    def build_engine(self) -> None:
+        """The engine that takes the steps (its optimiser's state restored), and where the loop starts."""
+        cfg, program, log = self.cfg, self.program, self.log
+        # With the program's own data check, each epoch's data is checked whole before its
+        # steps, so the steps run with Pyro's validation off: per step it would re-check the
+        # same pixels, and on CUDA every check is a host synchronisation.
+        validate = is_validation_enabled() if self.check_data is None else False
+        if validate:
+            log(f"note: {type(program).__name__} has no check_data(x), so every step runs with Pyro's validation on "
+                "(and eagerly); define check_data to check each epoch's data once instead")
+        self.engine = engine = build_engine(cfg.engine, program, self.model, self.guide,
+                                            build_elbo(cfg.estimator, cfg.num_particles, self.depth), cfg.lr,
+                                            validate=validate)
+        if self.group is not None:
+            engine.distribute(self.group, program)
+            share = math.ceil(cfg.batch_size / self.group.world_size)
+            log(f"distributed: {self.group.world_size} processes ({self.group.backend}), each {share} of every "
+                f"{cfg.batch_size} images per step")
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0}  # where the loop starts
+        if self.state is not None:
+            engine.load_state_dict(self.state["optim"])
+            self.position = self.state["position"]
+            log(f"resuming {self.run_dir} after {_where(self.position)} (of {cfg.epochs} epochs)")
+
+    def start(self, stop: _StopRequests) -> None:
+        """A new run's folder and files (a resumed run's epochs recorded); the callbacks told."""
+        state, run_dir, config = self.state, self.run_dir, self.config
+        self.stop = stop
+        if state is None and self.leader:
+            self.held.enter_context(_new_run_dir(run_dir, self.overwrite))
             try:
                 write_json(run_dir / CONFIG_NAME, config.to_dict())
-                write_json(run_dir / VERSIONS_NAME, versions(device))
+                write_json(run_dir / VERSIONS_NAME, versions(self.device))
                 checkpoint.atomic_write(run_dir / METRICS_NAME, b"")
             except OSError as err:
                 raise RunDirError(f"cannot write the new run's files into {run_dir}: {err.strerror or err}; "
                                   "free space or choose another --out") from err
-        if state is not None and leader:
+        if state is not None and self.leader:
             _record_epochs(run_dir, config)
-        saved = state["position"] if state is not None else None  # what the last good checkpoint holds
-        watched = Run(program, config, run_dir, device, position["epoch"], test=test_data)  # what callbacks see
-        hooks.call("on_train_start", watched)
+        self.saved = state["position"] if state is not None else None  # what the last good checkpoint holds
+        self.watched = Run(self.program, config, run_dir, self.device, self.position["epoch"],
+                           test=self.test_data)  # what callbacks see
+        self.hooks.call("on_train_start", self.watched)
 
-        def save_checkpoint(position):
-            nonlocal saved
-            engine.check()  # never save a state that a deferred check would reject
-            streams = group.gather_rng_states() if group is not None else None
-            if not leader:
-                saved = position  # (rank 0 writes it)
-                every.reset()
-                return
-            payload = {"config": config.to_dict(), "epoch": position["epoch"], "position": position,
-                       "model": program.state_dict(), "optim": engine.state_dict(), "rng": rng.get_state(),
-                       "image_shape": list(train_data.image_shape), "num_data": n}
-            if device.type == "cpu":  # the form its values were computed with, for an exact resume
-                payload["softplus"] = networks.cpu_softplus_form()
-            if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
-                payload["rng_ranks"] = streams
-            with _writing("the checkpoint", run_dir / checkpoint.CHECKPOINT_NAME, position, saved, run_dir):
-                checkpoint.save(payload, run_dir / checkpoint.CHECKPOINT_NAME)
-            saved = position
-            every.reset()
+    def save_checkpoint(self, position: dict) -> None:
+        """The run's state at ``position`` into its checkpoint (rank 0 writes; every rank agrees on it)."""
+        self.engine.check()  # never save a state that a deferred check would reject
+        group = self.group
+        streams = group.gather_rng_states() if group is not None else None
+        if not self.leader:
+            self.saved = position  # (rank 0 writes it)
+            self.every.reset()
+            return
+        payload = {"config": self.config.to_dict(), "epoch": position["epoch"], "position": position,
+                   "model": self.program.state_dict(), "optim": self.engine.state_dict(), "rng": rng.get_state(),
+                   "image_shape": list(self.train_data.image_shape), "num_data": self.n}
+        if self.device.type == "cpu":  # the form its values were computed with, for an exact resume
+            payload["softplus"] = networks.cpu_softplus_form()
+        if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
+            payload["rng_ranks"] = streams
+        path = self.run_dir / checkpoint.CHECKPOINT_NAME
+        with _writing("the checkpoint", path, position, self.saved, self.run_dir):
+            checkpoint.save(payload, path)
+        self.saved = position
+        self.every.reset()
 
-        for epoch in range(position["epoch"], cfg.epochs):
-            first = position["step"] if epoch == position["epoch"] else 0
-            loss_sum = torch.tensor(position["loss_sum"] if first else 0.0, dtype=torch.float64, device=device)
-            seconds = position["seconds"] if first else 0.0
-            t0 = time.perf_counter()
-            images, labels = training_set.images(epoch), training_set.labels
-            perm = training_set.permutation(epoch)
-            if check_data is not None and epoch == position["epoch"]:
-                # once: images used as they are stay the same tensor, and every later epoch's
-                # dynamic binarisation is binary by construction
-                check_data(images, f"the training images of epoch {epoch + 1}")
-            engine.set_lr(learning_rate(cfg.lr, cfg.lr_schedule, epoch))
-            bar = tqdm(total=num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress, file=sys.stderr, mininterval=0.5)
-            for step in range(first, num_steps):
-                weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + (step + 1) / num_steps)
-                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                stopping = stop.signum is not None
-                agreed = (step + 1) % PROGRESS_EVERY == 0  # a host sync (and, distributed, an agreement) here
-                # a checkpoint within the epoch (its end is saved anyway); on a clock, the ranks of a
-                # distributed run agree on it, as on a stop
-                due = step + 1 < num_steps and every.due(epoch * num_steps + step + 1) and (
-                    group is None or not every.on_clock or agreed)
-                try:
-                    if group is None:
-                        loss = engine.step(**batch_of(images, labels, idx, weight))
-                    else:
-                        idx, engine.weight = group.shard(idx)
-                        loss = engine.step(**batch_of(images, labels, idx, weight)) if idx.numel() else engine.step()
-                    loss_sum += loss
-                    if hooks:
-                        hooks.call("on_step", watched, epoch * num_steps + step + 1, loss)
-                    if agreed:
-                        engine.check()
-                        bar.set_postfix(loss=f"{float(loss_sum) / (step + 1) / n:.2f}")  # the epoch's mean so far
-                    if group is not None:  # the ranks stop (and save on a clock) at the same step
-                        if agreed:
-                            stopping, clock = group.agree([stopping, due and every.on_clock], device)
-                            due = clock if every.on_clock else due
-                        else:
-                            stopping = False  # distributed, a stop waits for the next agreement
-                    bar.update()
-                    if stopping:
-                        stop.signum = stop.signum or signal.SIGTERM
-                        bar.close()
-                        seconds += time.perf_counter() - t0
-                        save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum),
-                                         "seconds": seconds})
-                        raise TrainingInterrupted(
-                            stop.signum,
-                            f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} "
-                            f"of {num_steps}; the checkpoint in {run_dir} holds this step. Continue with: "
-                            f"{'torchrun ... -m pyro_vae' if group else 'pyro-vae'} train --resume {run_dir}",
-                        )
-                    if due:
-                        save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(loss_sum),
-                                         "seconds": seconds + time.perf_counter() - t0})
-                except NonFiniteError as err:
-                    raise TrainingDivergedError(_divergence_message(err, epoch, step, run_dir)) from None
-                except distributed.PeerFailure as err:
-                    raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir, if_present)) from None
-            bar.close()
-            seconds += time.perf_counter() - t0
-            weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + 1)  # the weight of the epoch's last step
-            record = {"epoch": epoch + 1, "train_objective": -float(loss_sum) / num_steps / n, "kl_weight": weight,
-                      "lr": learning_rate(cfg.lr, cfg.lr_schedule, epoch)}
-            engine.check()
-            if leader:
-                record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
-                                            None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg, num_data=n))
-                if test_data is not None and not call.takes["index"]:
-                    record.update(epoch_metrics(program, "test", test_data.images, test_data.labels, cfg))
-                record["seconds"] = seconds
-                with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, saved,
-                              run_dir):
-                    append_jsonl(run_dir / METRICS_NAME, record)
-            try:
-                save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
-            except distributed.PeerFailure as err:
-                raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, saved, run_dir, if_present)) from None
-            if leader:
-                log(_epoch_line(record, cfg, program))
-            watched.epoch = epoch + 1
-            hooks.call("on_epoch_end", watched, record)
-        hooks.call("on_train_end", watched)
-    return Run(program, config, run_dir, device, cfg.epochs)
+    def run_epoch(self, epoch: int) -> None:
+        """The epoch's steps from where the run stands (a resumed epoch from its step), then its end."""
+        cfg, start = self.cfg, self.position
+        first = start["step"] if epoch == start["epoch"] else 0
+        self.loss_sum = torch.tensor(start["loss_sum"] if first else 0.0, dtype=torch.float64, device=self.device)
+        self.seconds = start["seconds"] if first else 0.0
+        self.t0 = time.perf_counter()
+        images, labels = self.training_set.images(epoch), self.training_set.labels
+        perm = self.training_set.permutation(epoch)
+        if self.check_data is not None and epoch == start["epoch"]:
+            # once: images used as they are stay the same tensor, and every later epoch's
+            # dynamic binarisation is binary by construction
+            self.check_data(images, f"the training images of epoch {epoch + 1}")
+        self.engine.set_lr(learning_rate(cfg.lr, cfg.lr_schedule, epoch))
+        self.bar = tqdm(total=self.num_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                        disable=not self.progress, file=sys.stderr, mininterval=0.5)
+        for step in range(first, self.num_steps):
+            self.step(epoch, step, images, labels, perm)
+        self.bar.close()
+        self.seconds += time.perf_counter() - self.t0
+        self.end_epoch(epoch, images, labels)
+
+    def step(self, epoch: int, step: int, images, labels, perm) -> None:
+        """One SVI step, then a checkpoint when one is due; on a stop request, the step's
+        checkpoint and :class:`TrainingInterrupted` (:meth:`_stop_after`)."""
+        cfg, num_steps, group, every, stop = self.cfg, self.num_steps, self.group, self.every, self.stop
+        weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + (step + 1) / num_steps)
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        stopping = stop.signum is not None
+        agreed = (step + 1) % PROGRESS_EVERY == 0  # a host sync (and, distributed, an agreement) here
+        # a checkpoint within the epoch (its end is saved anyway); on a clock, the ranks of a
+        # distributed run agree on it, as on a stop
+        due = step + 1 < num_steps and every.due(epoch * num_steps + step + 1) and (
+            group is None or not every.on_clock or agreed)
+        try:
+            if group is None:
+                loss = self.engine.step(**self.batch_of(images, labels, idx, weight))
+            else:
+                idx, self.engine.weight = group.shard(idx)
+                loss = self.engine.step(**self.batch_of(images, labels, idx, weight)) if idx.numel() \
+                    else self.engine.step()
+            self.loss_sum += loss
+            if self.hooks:
+                self.hooks.call("on_step", self.watched, epoch * num_steps + step + 1, loss)
+            if agreed:
+                self.engine.check()
+                mean = float(self.loss_sum) / (step + 1) / self.n  # the epoch's mean so far
+                self.bar.set_postfix(loss=f"{mean:.2f}")
+            if group is not None:  # the ranks stop (and save on a clock) at the same step
+                if agreed:
+                    stopping, clock = group.agree([stopping, due and every.on_clock], self.device)
+                    due = clock if every.on_clock else due
+                else:
+                    stopping = False  # distributed, a stop waits for the next agreement
+            self.bar.update()
+            if stopping:
+                self._stop_after(epoch, step)
+            if due:
+                self.save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(self.loss_sum),
+                                      "seconds": self.seconds + time.perf_counter() - self.t0})
+        except NonFiniteError as err:
+            raise TrainingDivergedError(_divergence_message(err, epoch, step, self.run_dir)) from None
+        except distributed.PeerFailure as err:
+            raise TrainingInterrupted(signal.SIGTERM, _peer_message(err, self.saved, self.run_dir,
+                                                                    self.if_present)) from None
+
+    def _stop_after(self, epoch: int, step: int) -> None:
+        """A stop request: the checkpoint of this step, then :class:`TrainingInterrupted`."""
+        stop = self.stop
+        stop.signum = stop.signum or signal.SIGTERM
+        self.bar.close()
+        self.seconds += time.perf_counter() - self.t0
+        self.save_checkpoint({"epoch": epoch, "step": step + 1, "loss_sum": float(self.loss_sum),
+                              "seconds": self.seconds})
+        raise TrainingInterrupted(
+            stop.signum,
+            f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch + 1}, step {step + 1} "
+            f"of {self.num_steps}; the checkpoint in {self.run_dir} holds this step. Continue with: "
+            f"{'torchrun ... -m pyro_vae' if self.group else 'pyro-vae'} train --resume {self.run_dir}",
+        )
+
+    def end_epoch(self, epoch: int, images, labels) -> None:
+        """The epoch's metrics (rank 0 measures and writes them), its checkpoint, its line and callbacks."""
+        cfg, program, run_dir = self.cfg, self.program, self.run_dir
+        weight = kl_weight(cfg.beta, cfg.kl_warmup_epochs, epoch + 1)  # the weight of the epoch's last step
+        record = {"epoch": epoch + 1, "train_objective": -float(self.loss_sum) / self.num_steps / self.n,
+                  "kl_weight": weight, "lr": learning_rate(cfg.lr, cfg.lr_schedule, epoch)}
+        self.engine.check()
+        if self.leader:
+            record.update(epoch_metrics(program, "train", images[:TRAIN_EVAL_IMAGES],
+                                        None if labels is None else labels[:TRAIN_EVAL_IMAGES], cfg, num_data=self.n))
+            if self.test_data is not None and not self.call.takes["index"]:
+                record.update(epoch_metrics(program, "test", self.test_data.images, self.test_data.labels, cfg))
+            record["seconds"] = self.seconds
+            with _writing("the metrics", run_dir / METRICS_NAME, {"epoch": epoch + 1, "step": 0}, self.saved,
+                          run_dir):
+                append_jsonl(run_dir / METRICS_NAME, record)
+        try:
+            self.save_checkpoint({"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "seconds": 0.0})
+        except distributed.PeerFailure as err:
+            raise TrainingInterrupted(signal.SIGTERM,
+                                      _peer_message(err, self.saved, run_dir, self.if_present)) from None
+        if self.leader:
+            self.log(_epoch_line(record, cfg, program))
+        self.watched.epoch = epoch + 1
+        self.hooks.call("on_epoch_end", self.watched, record)
 
 
 def _where(position: dict) -> str:
