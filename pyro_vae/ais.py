@@ -52,7 +52,7 @@ class Schedule:
     step size of each transition and image comes from a tuning run of ``tune_chains``
     chains that starts at ``step_size`` and adapts towards ``target_accept``."""
 
-    steps: int = 1000
+    steps: int = 500
     chains: int = 4
     leapfrog: int = 5
     step_size: float = 0.05

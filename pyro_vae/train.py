@@ -329,7 +329,7 @@ class _Training:
         """Whether the resumed run has trained all its epochs already (then it says so)."""
         state = self.state
         if state is not None and state["epoch"] >= self.cfg.epochs:
-            self.log(f"{self.run_dir} has finished its {state['epoch']} epochs; there is nothing to train. To train "
+            self.log(f"{self.run_dir} has finished its {state['epoch']} epoch{'' if state['epoch'] == 1 else 's'}; there is nothing to train. To train "
                      f"longer: pyro-vae train --resume {self.run_dir} --epochs N (N > {state['epoch']})")
             return True
         return False

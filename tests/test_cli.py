@@ -240,7 +240,7 @@ def test_resume_of_a_finished_run_says_how_to_train_longer(run_dir, capsys):
     before = (run_dir / "checkpoint.pt").read_bytes()
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "has finished its 1 epochs" in out and f"--resume {run_dir} --epochs" in out
+    assert "has finished its 1 epoch;" in out and f"--resume {run_dir} --epochs" in out
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 

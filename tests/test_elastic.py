@@ -118,7 +118,7 @@ def test_the_python_api_takes_if_present_too(tmp_path, data_dir):
     train(config, tmp_path / "run", resume="if-present", progress=False, log=lambda s: None)
     lines = []
     train(config, tmp_path / "run", resume="if-present", progress=False, log=lines.append)
-    assert any("has finished its 1 epochs" in line for line in lines)
+    assert any("has finished its 1 epoch;" in line for line in lines)
     with pytest.raises(ValueError, match="'if-present'"):
         train(config, tmp_path / "run", resume="auto")
 
