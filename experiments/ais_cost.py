@@ -18,25 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from machine import cpu_name  # experiments/machine.py
 from pyro_vae import load_run
 from pyro_vae.ais import Schedule, ais_log_px
 from pyro_vae.data import load_data, test_set
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def matmul_rate(size: int = 1024, repeats: int = 5) -> float:

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # experiments/machine.py
 from pyro_vae import DataConfig, RunConfig, TrainConfig, checkpoint
 from pyro_vae.config import ModelConfig
 from pyro_vae.train import train
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def one_epoch(config: RunConfig, folder: Path, every) -> tuple[float, list[float]]:

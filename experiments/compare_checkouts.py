@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # experiments/machine.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -74,18 +76,6 @@ def measure(smoke: bool) -> dict[str, float]:
     return out
 
 
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", type=Path, default=REPO, help="the checkout to compare with (default: this one)")
@@ -109,7 +99,7 @@ def main(argv=None) -> int:
                 sys.exit(f"{name} ({tree}) failed:\n{proc.stderr[-2000:]}")
             line = proc.stdout.strip().splitlines()[-1]
             results[name].append({k: float(v) for k, v in (item.split("=") for item in line.split())})
-    print(f"{_cpu_name()}, {os.cpu_count()} CPUs; medians of "
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; medians of "
           f"{len(results['after'])} round(s)")
     for name, tree in trees.items():
         med = {k: statistics.median(r[k] for r in results[name]) for k in results[name][0]}
