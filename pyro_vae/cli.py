@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test-set ELBO, its terms, and importance-sampled log p(x)")
     _run_args(p)
     p.add_argument("--num-samples", type=_int_at_least(0), default=5000, metavar="K",
-                   help="K of the importance-sampled bound; 0 skips it (default: 5000)")
+                   help="K of the importance-sampled bound; 0 skips it; not used with --method ais (default: 5000)")
     p.add_argument("--method", choices=("is", "ais"), default="is",
                    help="log p(x) by importance sampling with the encoder (is), or by annealed importance sampling "
                         "from the prior (ais: slower, tighter; see the AIS options) (default: is)")
