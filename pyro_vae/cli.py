@@ -434,8 +434,6 @@ def _split_data(run, split: str, limit=None):
 
 
 def cmd_evaluate(args) -> int:
-    from tqdm.auto import tqdm
-
     from .evaluate import Estimate, active_unit_counts, bits_per_dim, evaluate_model
 
     group = _process_group(args)  # several processes under torchrun share the importance sampling
@@ -447,7 +445,7 @@ def cmd_evaluate(args) -> int:
     images = test.images
     num_samples = args.num_samples if args.method == "is" else 0
     quiet = args.json or num_samples == 0 or (group is not None and not group.leader)
-    with tqdm(total=images.shape[0], desc="importance sampling", unit="img", disable=quiet, file=sys.stderr) as bar:
+    with _image_bar(images.shape[0], "importance sampling", quiet) as bar:
         report = evaluate_model(run.program, images, num_samples, args.batch_size, args.seed,
                                 progress=bar.update, labels=test.labels, group=group, **where)
     if group is not None and not group.leader:
@@ -512,6 +510,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _image_bar(total: int, desc: str, quiet: bool):
+    """A bar counted in images, moved by fractions of a batch (from the first batch on, an
+    update every few seconds with the time left), shown as whole images."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, mininterval=1.0,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} img [{elapsed}<{remaining}]")
+
+
 def _ais_log_px(run, images, labels, where, schedule, args, what: str, bdmc: bool = False) -> dict:
     """Per-image AIS results (:func:`pyro_vae.ais.evaluate_ais`) with a live bar, resumable
     from the run folder's ``ais/`` (a killed evaluation goes on where it stopped)."""
@@ -565,8 +572,6 @@ def cmd_bdmc(args) -> int:
 
 
 def cmd_gaps(args) -> int:
-    from tqdm.auto import tqdm
-
     from .posterior import gap_family, inference_gaps
 
     schedule = _schedule(args) if args.log_px == "ais" else None
@@ -577,8 +582,7 @@ def cmd_gaps(args) -> int:
     if schedule is not None:
         log_px = _ais_log_px(run, test.images, test.labels, where, schedule, args,
                              f"{args.split} {test.images.shape[0]}")["log_px"]
-    with tqdm(total=test.images.shape[0], desc="optimising q* per image", unit="img", disable=args.json,
-              file=sys.stderr) as bar:
+    with _image_bar(test.images.shape[0], "optimising q* per image", args.json) as bar:
         gaps = inference_gaps(run.program, test.images, num_samples=args.num_samples, elbo_samples=args.num_samples,
                               batch_size=args.batch_size, seed=args.seed, progress=bar.update,
                               max_steps=args.max_steps, labels=test.labels, log_px=log_px, **where)

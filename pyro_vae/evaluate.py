@@ -231,11 +231,11 @@ def log_px_importance(
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
                 if mc_variance:
                     squares = torch.logaddexp(squares, torch.logsumexp(2 * log_w, dim=0))
+                if progress is not None:  # a fraction of the batch per chunk of samples: a live bar
+                    progress(x.shape[0] * k / num_samples)
             if j >= first:
                 results.append(total - math.log(num_samples))
                 variances.append((squares - 2 * total).exp() - 1.0 / num_samples)
-                if progress is not None:
-                    progress(x.shape[0])
     mine = torch.cat(results) if results else images.new_zeros((0,), dtype=torch.float64)
     mine = mine if group is None else group.gather_cat(mine)
     if not mc_variance:

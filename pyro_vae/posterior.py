@@ -206,10 +206,14 @@ def importance_log_px(model, guide, x: torch.Tensor, num_samples: int, chunk: in
     return total - math.log(num_samples)
 
 
+MAX_STEPS = 5000  # Adam steps per batch at most, when optimising q* per image
+
+
 def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, samples: int = 100,
-                             lr: float = 1e-2, round_steps: int = 100, max_steps: int = 5000, tolerance: float = 0.01,
-                             decays: int = 3, check_samples: int = 500,
-                             seed: int = 0, extra: dict | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+                             lr: float = 1e-2, round_steps: int = 100, max_steps: int = MAX_STEPS,
+                             tolerance: float = 0.01,
+                             decays: int = 3, check_samples: int = 500, seed: int = 0, extra: dict | None = None,
+                             on_step=None) -> tuple[tuple[torch.Tensor, ...], int]:
     """lambda* per image: Adam on the ELBO of each image's own member of the family.
 
     Starts at the encoder's output; each step averages ``samples`` draws per image (the
@@ -220,6 +224,7 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
     rate circles the optimum at a distance set by the rate); after ``decays`` cuts, or
     ``max_steps`` steps, it stops. Returns the best parameters measured and the steps taken.
     ``extra`` (the images' labels ``y``) goes to the model, and to the family's start.
+    ``on_step(steps)``, when given, is called after each step with the steps taken so far.
     """
     extra = extra or {}
     with torch.no_grad():
@@ -246,7 +251,7 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
     best_value, best, steps, cuts = check(), tuple(p.detach() for p in current()), 0, 0
     with frozen(program), forked_rng(seed):
         while steps < max_steps:
-            for _ in range(round_steps):
+            for i in range(round_steps):
                 if enumerated is not None:  # classes summed out by Pyro's TraceEnum_ELBO
                     loss = enumerated.differentiable_loss(program.model, family.guide(current()), x, **extra)
                 else:
@@ -255,6 +260,8 @@ def optimal_local_parameters(program, family: LocalFamily, x: torch.Tensor, *, s
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
+                if on_step is not None:
+                    on_step(steps + i + 1)
             steps += round_steps
             value = check()
             if value > best_value:
@@ -330,7 +337,10 @@ def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, el
             batch_seed = seed + start  # noise of each batch from its position: any --limit gives the same values
             with torch.no_grad(), forked_rng(batch_seed):
                 parts["elbo_amortized"].append(elbo_of(program.model, program.guide, x, elbo_samples, **extra))
-            best, taken = optimal_local_parameters(program, family, x, seed=batch_seed, extra=extra, **optimize)
+            expected = sum(steps) / len(steps) if steps else optimize.get("max_steps", MAX_STEPS)
+            shown = _BatchProgress(progress, x.shape[0], expected)
+            best, taken = optimal_local_parameters(program, family, x, seed=batch_seed, extra=extra,
+                                                   on_step=shown.optimised, **optimize)
             steps.append(taken)
             optimal = family.guide(best)
             with torch.no_grad(), forked_rng(batch_seed + 2):
@@ -339,9 +349,29 @@ def inference_gaps(program, images: torch.Tensor, *, num_samples: int = 5000, el
                     parts["log_px"].append(importance_log_px(program.model, optimal, x, num_samples, **extra))
                 else:
                     parts["log_px"].append(log_px[start : start + batch_size].to(x.device, torch.float64))
-            if progress is not None:
-                progress(x.shape[0])
+            shown.finished()
     return Gaps(*(torch.cat(parts[k]) for k in ("log_px", "elbo_amortized", "elbo_optimal")), steps)
+
+
+class _BatchProgress:
+    """A batch's share of a progress bar, counted in images: the optimisation's rounds move it
+    (each step) up to 90 % of the batch, as if it took ``expected_steps`` (the earlier batches' mean, or
+    the most allowed for the first), and the bounds after it the rest; so a bar over many
+    minutes moves every few seconds, and its estimate of the time left holds from the first batch."""
+
+    def __init__(self, progress, images: int, expected_steps: float):
+        self.progress, self.images, self.expected, self.shown = progress, images, max(1.0, expected_steps), 0.0
+
+    def optimised(self, steps: int) -> None:
+        self._to(0.9 * self.images * min(1.0, steps / self.expected))
+
+    def finished(self) -> None:
+        self._to(self.images)
+
+    def _to(self, value: float) -> None:
+        if self.progress is not None and value > self.shown:
+            self.progress(value - self.shown)
+            self.shown = value
 
 
 def nuts_posterior(program, x: torch.Tensor, *, num_samples: int = 1000, warmup: int = 500, seed: int = 0,

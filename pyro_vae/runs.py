@@ -138,7 +138,13 @@ def load_run(run_dir: str | Path, device: str = "auto", program: torch.nn.Module
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} is not a run directory (it does not exist)")
+        what = "it is a file" if run_dir.exists() else "it does not exist"
+        raise RunDirError(f"{run_dir} is not a run directory ({what})")
+    if not (run_dir / checkpoint.CHECKPOINT_NAME).exists():
+        inside = sorted(str(p.parent) for p in run_dir.glob("*/" + checkpoint.CHECKPOINT_NAME))[:3]
+        hint = f"; the runs inside it: {', '.join(inside)}" if inside else ""
+        raise RunDirError(f"{run_dir} is not a run directory: it holds no {checkpoint.CHECKPOINT_NAME} (a run "
+                          f"directory is what 'pyro-vae train --out DIR' writes, once its first epoch ends){hint}")
     state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
     checkpoint.require(state, ("config", "model", "image_shape", "epoch"), run_dir / checkpoint.CHECKPOINT_NAME)
     config = config_from(state, run_dir)

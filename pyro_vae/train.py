@@ -37,9 +37,9 @@ from .data import ImageData, TrainingSet, load_data, test_set
 from .evaluate import Estimate, elbo_terms
 from .objectives import build_elbo, kl_weight, training_program
 from .protocol import ProgramCall
-from .runs import (CONFIG_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError, append_jsonl,
-                   build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock, versions,
-                   write_json)
+from .runs import (CONFIG_NAME, LOCK_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError,
+                   append_jsonl, build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock,
+                   versions, write_json)
 from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory, learning_rate
 
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
@@ -214,9 +214,10 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
         return Run(training.program, config, run_dir, training.device, state["epoch"])
     training.build_engine()
     with pyro.get_param_store().scope(), _StopRequests() as stop:
-        training.start(stop)
-        for epoch in range(training.position["epoch"], config.train.epochs):
-            training.run_epoch(epoch)
+        with training.discarded_if_unsaved():
+            training.start(stop)
+            for epoch in range(training.position["epoch"], config.train.epochs):
+                training.run_epoch(epoch)
         training.hooks.call("on_train_end", training.watched)
     return Run(training.program, config, run_dir, training.device, config.train.epochs)
 
@@ -244,6 +245,8 @@ class _Training:
                  overwrite: bool, if_present: bool):
         self.held, self.config, self.cfg, self.state = held, config, config.train, state
         self.run_dir, self.every, self.overwrite, self.if_present = run_dir, every, overwrite, if_present
+        self.made_folder, self.owns_new_folder = not run_dir.exists(), False
+        self.saved = None  # what the last good checkpoint holds
 
     def set_up(self, program, data, test, binarize, progress, log, callbacks, seeded: bool) -> None:
         """The device and processes, the data, and the program on the device: seeded, and
@@ -366,6 +369,7 @@ class _Training:
         self.stop = stop
         if state is None and self.leader:
             self.held.enter_context(_new_run_dir(run_dir, self.overwrite))
+            self.owns_new_folder = True  # (only now: a folder another process trains is never touched)
             try:
                 write_json(run_dir / CONFIG_NAME, config.to_dict())
                 write_json(run_dir / VERSIONS_NAME, versions(self.device))
@@ -379,6 +383,22 @@ class _Training:
         self.watched = Run(self.program, config, run_dir, self.device, self.position["epoch"],
                            test=self.test_data)  # what callbacks see
         self.hooks.call("on_train_start", self.watched)
+
+    @contextlib.contextmanager
+    def discarded_if_unsaved(self):
+        """A new run that fails before its first checkpoint leaves no trace: its files go, and
+        its folder, when this call made it (a configuration without a checkpoint holds
+        nothing to resume, and would only be mistaken for a run)."""
+        try:
+            yield
+        except BaseException:
+            if self.owns_new_folder and self.saved is None:
+                with contextlib.suppress(OSError):  # (a folder never made; not empty: someone else's files)
+                    for name in (CONFIG_NAME, VERSIONS_NAME, METRICS_NAME, LOCK_NAME):
+                        (self.run_dir / name).unlink(missing_ok=True)
+                    if self.made_folder:
+                        self.run_dir.rmdir()
+            raise
 
     def save_checkpoint(self, position: dict) -> None:
         """The run's state at ``position`` into its checkpoint (rank 0 writes; every rank agrees on it)."""
@@ -608,8 +628,8 @@ def _epoch_line(record: dict, cfg, program) -> str:
 def _divergence_message(err, epoch: int, step: int, run_dir: Path) -> str:
     where = f"training stopped at epoch {epoch + 1}, step {step + 1}: {err}. Nothing of this epoch was saved"
     if epoch == 0:
-        return (f"{where}, and no epoch had finished, so {run_dir} holds no checkpoint; start again (the folder "
-                "can be reused as it is) with a lower --lr, or check the data")
+        return (f"{where}, and no epoch had finished, so nothing of the run was kept in {run_dir}; start again "
+                "with a lower --lr, or check the data")
     return f"{where}; the checkpoint in {run_dir} (after epoch {epoch}) is intact. Lower --lr, or check the data"
 
 

@@ -250,14 +250,19 @@ def test_unknown_likelihood_leaves_no_run_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint_and_the_folder_is_reusable(
-        tmp_path, data_dir, capsys):
+def test_divergence_in_the_first_epoch_leaves_no_trace_and_says_so(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     argv = ["train", *SMALL, "--data-dir", str(data_dir), "--out", str(out)]
     assert main([*argv, "--lr", "1e30"]) == 1
     err = capsys.readouterr().err
-    assert "no epoch had finished" in err and "holds no checkpoint" in err and "after epoch 0" not in err
-    assert main(argv) == 0  # the same folder, without --overwrite
+    assert "no epoch had finished" in err and "nothing of the run was kept" in err and "after epoch 0" not in err
+    assert not out.exists()  # the folder this command made is gone with it
+    mine = tmp_path / "mine"  # a folder the user made, holding a file of theirs: only the run's files go
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([*argv[:-1], str(mine), "--lr", "1e30"]) == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert main(argv) == 0 and (out / "checkpoint.pt").exists()  # and the command works as it did
 
 
 # -- usage errors: the subcommand's usage, the nearest flag or choice, no prefixes ----------------

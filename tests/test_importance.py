@@ -193,3 +193,14 @@ def test_the_monte_carlo_variance_beside_each_estimate_is_its_spread_over_draws(
     # the sample variance of r draws has a relative standard error of sqrt(2 / (r - 1)), 0.07 here
     ratio = var.mean(0) / empirical
     assert torch.all((ratio - 1).abs() < 4 * math.sqrt(2 / (r - 1))), ratio
+
+
+def test_progress_moves_with_every_chunk_of_samples_and_adds_up_to_the_images():
+    """A live bar: each chunk of K reports its share of the batch, so a batch whose K = 5000
+    takes a minute moves the bar every few seconds; the shares add up to the images."""
+    vae = tiny_vae(z_dim=2)
+    x = random_binary(12)
+    shown = []
+    log_px_importance(vae.model, vae.guide, x, num_samples=64, batch_size=6, max_elements=6 * 16, seed=1,
+                      progress=shown.append)
+    assert shown == [6 * 16 / 64] * 8  # two batches of four chunks each

@@ -109,6 +109,18 @@ def test_gaps_against_the_exact_values():
 
 
 @pytest.mark.slow
+def test_the_gaps_bar_moves_within_a_batch_and_adds_up_to_the_images():
+    """A live bar for ``gaps``: the optimisation of q* moves it at every step (up to 90 % of
+    the batch at the earlier batches' pace), its end the rest; the moves add up to N."""
+    shown = []
+    gaps = inference_gaps(LinearGaussian(), images(6), num_samples=20, elbo_samples=20, batch_size=3,
+                          max_steps=300, round_steps=50, progress=shown.append)
+    assert len(shown) > 2 * 10 and all(s > 0 for s in shown)  # many moves per batch, never backwards
+    assert sum(shown) == pytest.approx(6, abs=1e-9)
+    assert sum(shown[: len(shown) // 2]) < 3 + 1e-9  # the first batch's moves stay within its 3 images
+    assert len(gaps.steps) == 2
+
+
 def test_nuts_samples_the_exact_posterior():
     program, x = LinearGaussian(), images(1, seed=3)
     samples = nuts_posterior(program, x, num_samples=1000, warmup=300)
