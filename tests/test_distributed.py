@@ -108,26 +108,15 @@ def gradients_of_one_step(engine_name, group=None):
     return float(loss), [p.grad.clone() for p in program.parameters()]
 
 
-def _gradient_worker(rank, port, engine_name, out):
-    join(rank, port)
-    from pyro_vae import distributed
-
-    group = distributed.from_environment(torch.device("cpu"))
-    loss, grads = gradients_of_one_step(engine_name, group)
-    torch.save({"loss": loss, "grads": grads}, f"{out}.{rank}")
-    leave()
-
-
 @pytest.mark.parametrize("engine_name", ENGINES.names())
-def test_averaged_gradient_is_the_gradient_of_the_combined_batch(engine_name, tmp_path):
+def test_averaged_gradient_is_the_gradient_of_the_combined_batch(engine_name, two_ranks):
     """Two ranks of 8 images each, summed with weights 8/16, give the gradient one process
     computes on all 16 images (the plate told the same N), at the same fixed noise."""
-    mp.spawn(_gradient_worker, args=(free_port(), engine_name, str(tmp_path / "g")), nprocs=WORLD)
     single_loss, single = gradients_of_one_step(engine_name)
-    ranks = [torch.load(tmp_path / f"g.{r}") for r in range(WORLD)]
-    for r in ranks:
-        assert r["loss"] == pytest.approx(single_loss, rel=1e-12)
-        for a, b in zip(r["grads"], single):
+    for r in two_ranks(f"gradients-{engine_name}"):
+        loss, grads = r
+        assert loss == pytest.approx(single_loss, rel=1e-12)
+        for a, b in zip(grads, single):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -148,28 +137,26 @@ def deterministic_program():
 SETTINGS = dict(epochs=3, batch_size=10, lr=1e-2, device="cpu")
 
 
-def _run_worker(rank, port, run_dir, engine_name, out):
-    join(rank, port)
+def two_process_run(run_dir, engine_name):
     run = fit(deterministic_program(), images(), run_dir, settings=TrainConfig(engine=engine_name, **SETTINGS),
               progress=False, log=lambda line: None)
-    torch.save(run.program.state_dict(), f"{out}.{rank}")
-    leave()
+    return run.program.state_dict()
 
 
 @pytest.mark.parametrize("engine_name", ["captured", "svi"])
-def test_a_two_process_run_ends_where_one_process_ends(engine_name, tmp_path):
-    mp.spawn(_run_worker, args=(free_port(), str(tmp_path / "two"), engine_name, str(tmp_path / "p")), nprocs=WORLD)
+def test_a_two_process_run_ends_where_one_process_ends(engine_name, tmp_path, two_ranks):
     one = fit(deterministic_program(), images(), tmp_path / "one", settings=TrainConfig(engine=engine_name,
                                                                                         **SETTINGS),
               progress=False, log=lambda line: None)
-    rank0, rank1 = (torch.load(tmp_path / f"p.{r}") for r in range(WORLD))
+    rank0, rank1 = two_ranks(f"run-{engine_name}")
     for name, value in one.program.state_dict().items():
         assert torch.equal(rank0[name], rank1[name]), name  # the ranks hold identical parameters
         assert torch.allclose(rank0[name], value, rtol=1e-4, atol=1e-6), name  # float sums in another order
     # rank 0 alone wrote the run, with both ranks' noise streams
-    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    two = two_ranks.folder / f"run-{engine_name}"
+    state = torch.load(two / "checkpoint.pt", weights_only=True)
     assert len(state["rng_ranks"]) == WORLD and state["epoch"] == 3
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def torchrun(args, **kw):
@@ -241,15 +228,6 @@ def log_px(kind, group=None):
                                  seed=4, group=group)
 
 
-def _evaluation_worker(rank, port, kind, out):
-    join(rank, port)
-    from pyro_vae import distributed
-
-    group = distributed.from_environment(torch.device("cpu"))
-    torch.save(log_px(kind, group), f"{out}.{rank}")
-    leave()
-
-
 def test_a_latent_the_guide_does_not_sample_is_refused_by_importance_sampling():
     """p(x, z, w) / q(z) at w drawn from its prior weights by p(w) once too often: no longer
     computed (it was, before the scoring went through Pyro's traces), refused instead."""
@@ -259,12 +237,10 @@ def test_a_latent_the_guide_does_not_sample_is_refused_by_importance_sampling():
         log_px("extra-latent")
 
 
-@pytest.mark.parametrize("kind", ["vae"])
-def test_distributed_evaluation_is_the_single_process_one_value_for_value(kind, tmp_path):
-    mp.spawn(_evaluation_worker, args=(free_port(), kind, str(tmp_path / "e")), nprocs=WORLD)
-    single = log_px(kind)
-    for rank in range(WORLD):
-        assert torch.equal(torch.load(tmp_path / f"e.{rank}"), single)  # the same draws for every image
+def test_distributed_evaluation_is_the_single_process_one_value_for_value(two_ranks):
+    single = log_px("vae")
+    for result in two_ranks("evaluation"):
+        assert torch.equal(result, single)  # the same draws for every image
     assert single.shape == (23,)
 
 
@@ -316,36 +292,84 @@ def poisoned_run(run_dir):
     return "no error"
 
 
-def _poison_worker(rank, port, run_dir, out):
-    join(rank, port)
-    Path(f"{out}.{rank}").write_text(poisoned_run(run_dir))
-    leave()
-
-
-def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    mp.spawn(_poison_worker, args=(free_port(), str(tmp_path / "two"), str(tmp_path / "m")), nprocs=WORLD)
-    messages = [(tmp_path / f"m.{r}").read_text() for r in range(WORLD)]
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, two_ranks):
+    messages = two_ranks("poisoned")
     single = poisoned_run(tmp_path / "one")
     assert "training stopped at epoch 1, step" in single
     # both ranks raise the single process's error: the same epoch and step (the folders differ)
-    assert messages[0] == messages[1] == single.replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    two = str(two_ranks.folder / "poisoned")
+    assert messages[0] == messages[1] == single.replace(str(tmp_path / "one"), two)
 
 
-def _resume_worker(rank, port, run_dir, out):
-    join(rank, port)
+def resumed_under_two(run_dir):
     lines = []
     fit(deterministic_program(), images(), run_dir, settings=TrainConfig(**{**SETTINGS, "epochs": 2}), resume=True,
         progress=False, log=lines.append)
-    Path(f"{out}.{rank}").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def one_process_run(run_dir):
+    fit(deterministic_program(), images(), run_dir, settings=TrainConfig(**{**SETTINGS, "epochs": 1}),
+        progress=False, log=lambda line: None)
+
+
+def test_a_one_process_run_resumes_under_two_and_says_the_noise_starts_afresh(two_ranks):
+    leader, other = two_ranks("resumed")
+    assert "saved by 1 process(es) and resumes with 2; the noise streams start afresh" in leader
+    assert other == ""  # rank 1 prints nothing
+    state = torch.load(two_ranks.folder / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["rng_ranks"]) == 2
+
+
+# -- every multi-process job of this file, in one pair of processes ----------------------------
+
+
+def jobs(folder: Path) -> dict:
+    """What the two ranks compute, by name: each test above compares its job's results with
+    the single process's. One spawn of two ranks runs them all in turn, in one process
+    group: starting two fresh Python processes costs seconds each time."""
+    out = {f"gradients-{e}": (lambda e=e: gradients_of_one_step(e, group())) for e in ENGINES.names()}
+    out.update({f"run-{e}": (lambda e=e: two_process_run(folder / f"run-{e}", e)) for e in ("captured", "svi")})
+    out["evaluation"] = lambda: log_px("vae", group())
+    out["poisoned"] = lambda: poisoned_run(folder / "poisoned")
+    out["resumed"] = lambda: resumed_under_two(folder / "resumed")
+    return out
+
+
+def group():
+    from pyro_vae import distributed
+
+    return distributed.from_environment(torch.device("cpu"))
+
+
+def _jobs_worker(rank, port, folder):
+    join(rank, port)
+    folder = Path(folder)
+    for name, job in jobs(folder).items():
+        try:
+            result = {"value": job()}
+        except Exception as err:  # noqa: BLE001 - the job's test reports it; the other jobs still run
+            result = {"error": f"{type(err).__name__}: {err}"}
+        torch.save(result, folder / f"{name}.{rank}")
     leave()
 
 
-def test_a_one_process_run_resumes_under_two_and_says_the_noise_starts_afresh(tmp_path):
-    fit(deterministic_program(), images(), tmp_path / "run", settings=TrainConfig(**{**SETTINGS, "epochs": 1}),
-        progress=False, log=lambda line: None)
-    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path / "run"), str(tmp_path / "log")), nprocs=WORLD)
-    leader, other = ((tmp_path / f"log.{r}").read_text() for r in range(WORLD))
-    assert "saved by 1 process(es) and resumes with 2; the noise streams start afresh" in leader
-    assert other == ""  # rank 1 prints nothing
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 2 and len(state["rng_ranks"]) == 2
+class TwoRanks:
+    """The results of :func:`jobs` run by two ranks: ``two_ranks(name)`` is each rank's."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, name: str) -> list:
+        results = [torch.load(self.folder / f"{name}.{r}", weights_only=False) for r in range(WORLD)]
+        for rank, result in enumerate(results):
+            assert "error" not in result, f"rank {rank}: {result.get('error')}"
+        return [result["value"] for result in results]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two-ranks")
+    one_process_run(folder / "resumed")  # the run that two processes resume
+    mp.spawn(_jobs_worker, args=(free_port(), str(folder)), nprocs=WORLD)
+    return TwoRanks(folder)
