@@ -119,7 +119,7 @@ def train(
         resume = (run_dir / checkpoint.CHECKPOINT_NAME).exists()
     every = checkpoint.Every.of(checkpoint_every)  # a bad interval is an error before anything is read or written
     with contextlib.ExitStack() as held:
-        if resume and run_dir.is_dir() and _leader():
+        if resume and (run_dir / checkpoint.CHECKPOINT_NAME).exists() and _leader():  # (else: refused, untouched)
             held.enter_context(run_lock(run_dir))  # before reading the state it resumes from
         return _train(config, run_dir, resume, overwrite, progress, log, program, callbacks, every, if_present)
 

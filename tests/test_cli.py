@@ -151,6 +151,34 @@ def test_existing_run_is_not_overwritten(run_dir, capsys):
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 
+def tree(*folders) -> dict:
+    """Every file and folder under ``folders``, with its size and modification time."""
+    return {str(p): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+            for folder in folders for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "{tmp}"], ["gaps", "{tmp}"], ["bdmc", "{tmp}"], ["plot", "{tmp}"], ["graph", "{tmp}"],
+    ["sample", "{tmp}", "--out", "{tmp}/samples.png"], ["reconstruct", "{tmp}", "--out", "{tmp}/r/r.png"],
+    ["train", "--resume", "{tmp}"],
+    ["train", "--data-dir", "{tmp}/data", "--no-download", "--out", "{tmp}/run"],
+    ["evaluate", "{run}", "--method", "bdmc"], ["evaluate", "{run}", "--limit", "0"],
+    ["train", "--resume", "{run}", "--epochs", "0"],
+], ids=lambda c: " ".join(c).replace("{tmp}", "TMP").replace("{run}", "RUN"))
+def test_failed_commands_leave_no_trace(command, run_dir, tmp_path, capsys):
+    """The main failure of each command (a folder that is not a run, a data set that is not
+    there, a bad option on a real run) changes no file and makes no folder, anywhere."""
+    before = tree(tmp_path, run_dir)
+    argv = [part.replace("{tmp}", str(tmp_path)).replace("{run}", str(run_dir)) for part in command]
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # a usage error: argparse's exit
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "Traceback" not in err and err.strip()
+    assert tree(tmp_path, run_dir) == before
+
+
 def test_evaluate_missing_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 1
     assert "not a run directory" in capsys.readouterr().err
