@@ -375,15 +375,16 @@ class _BatchProgress:
 
 
 def nuts_posterior(program, x: torch.Tensor, *, num_samples: int = 1000, warmup: int = 500, seed: int = 0,
-                   site: str = "z", y: torch.Tensor | None = None) -> torch.Tensor:
+                   site: str = "z", y: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """Draws of the true posterior p(z|x) of one image ``x`` (shape ``(1, ...)``) by NUTS,
-    ``(num_samples, z_dim)``: :class:`pyro.infer.MCMC` on the program's model with x observed."""
+    ``(num_samples, z_dim)``: :class:`pyro.infer.MCMC` on the program's model with x observed.
+    ``progress``: Pyro's own bar of the warm-up and the draws, with the time left."""
     from pyro.infer import MCMC, NUTS
 
     def model():  # (y, the image's label, for a conditional program)
         return program.model(x, num_data=1) if y is None else program.model(x, y=y, num_data=1)
 
     with pyro.get_param_store().scope(), frozen(program), forked_rng(seed):
-        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=True)
+        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=not progress)
         mcmc.run()
     return mcmc.get_samples()[site].reshape(num_samples, -1).detach()

@@ -39,7 +39,7 @@ def posterior_figure(program, images: torch.Tensor, path: str | Path, *, num_ima
     for i, ax in enumerate(axes[0]):
         log(f"NUTS on test image {i + 1} of {n}")
         samples = nuts_posterior(program, x[i : i + 1], num_samples=nuts_samples, warmup=warmup, seed=seed + i,
-                                 y=None if not extra else extra["y"][i : i + 1]).cpu()
+                                 y=None if not extra else extra["y"][i : i + 1], progress=True).cpu()
         members = [family.distribution(*(p[i : i + 1] for p in params)) for params in (amortized, optimal)]
         with torch.no_grad():
             draws = torch.cat([samples] + [m.sample((500,)).reshape(500, 2).cpu() for m in members])
