@@ -7,6 +7,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (the default run: one worker per core), each worker computes on one
+# thread, and so do the subprocesses it starts: two workers of two threads each on two
+# cores would only take turns. (Set before any test runs, so a comparison between this
+# process and its subprocesses sees one thread count on both sides.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    torch.set_num_threads(1)
+
 # The CPU softplus form is chosen by timing log1p once per process, and a measurement
 # taken under the load of other tests can choose the other form, which differs by float
 # rounding. Tests that compare a subprocess's numbers with this process's bit for bit need
