@@ -23,6 +23,13 @@ MODELS.declare("vae-iaf", "pyro_vae.models.iaf:iaf_vae_from_config",
 MODELS.declare("vae2", "pyro_vae.models.vae2:two_layer_vae_from_config",
                "two stochastic layers (Burda et al. 2016): z2 ~ N(0, I) -> z1 (--z-dim) -> x; --z2-dim and "
                "--z2-hidden-dims set the upper layer")
+MODELS.declare("cvae", "pyro_vae.models.cvae:conditional_vae_from_config",
+               "quadrant completion, the conditional VAE of Sohn et al. 2015 (Pyro's CVAE tutorial): the "
+               "--quadrants shown, z ~ p(z | shown), hidden pixels ~ the likelihood(g(z)), q(z | shown, hidden); "
+               "--baseline RUN feeds a cvae-baseline's guess to the prior")
+MODELS.declare("cvae-baseline", "pyro_vae.models.cvae:completion_baseline_from_config",
+               "quadrant completion's deterministic baseline network: hidden pixels ~ the likelihood(f(shown)), no "
+               "latent (its ELBO is log p(hidden | shown) exactly)")
 
 LIKELIHOODS = Registry("likelihood")
 LIKELIHOODS.declare("bernoulli", "pyro_vae.likelihoods:BernoulliLikelihood",
@@ -108,6 +115,10 @@ FIGURES.declare("curves", "pyro_vae.plots:_draw_curves",
 FIGURES.declare("posterior", "pyro_vae.plots:_draw_posterior",
                 "z_dim = 2: true posterior p(z|x) by NUTS against q(z|x) and the per-image optimum q*(z|x), for 4 "
                 "test images (minutes: NUTS; only when asked for)")
+
+FIGURES.declare("completion", "pyro_vae.plots:_draw_completion",
+                "quadrant completion (--model cvae, cvae-baseline): test images with the hidden quadrants greyed, "
+                "the true images, the baseline's prediction and completions from the CVAE's prior p(z | shown)")
 
 COMPARISONS = Registry("comparison figure")  # several runs in one figure: drawn by pyro_vae.plots.draw_comparison
 COMPARISONS.declare("comparison", "pyro_vae.plots:_draw_comparison",

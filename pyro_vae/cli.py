@@ -234,15 +234,17 @@ def _add_field_flag(group, section: str, f: dataclasses.Field) -> None:
     elif kind is tuple:
         group.add_argument(flag, type=_int_at_least(meta["minimum"]), nargs="+", metavar=metavar, **common)
     elif kind is int:
-        group.add_argument(flag, type=_int_at_least(meta["minimum"], meta["none_word"]), metavar=metavar, **common)
+        group.add_argument(flag, type=_int_at_least(meta["minimum"], meta["none_word"], meta.get("maximum")),
+                           metavar=metavar, **common)
     elif kind is float:
         group.add_argument(flag, type=_float_at_least(meta["minimum"]), metavar=metavar, **common)
     else:
         group.add_argument(flag, type=str, choices=choices_of(f), metavar=metavar, **common)
 
 
-def _int_at_least(minimum, none_word: str | None = None):
-    """An argparse type: an integer >= ``minimum`` (the word ``none_word`` stands for None)."""
+def _int_at_least(minimum, none_word: str | None = None, maximum=None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``, when given; the word
+    ``none_word`` stands for None)."""
 
     def integer(text: str):
         if none_word is not None and text == none_word:
@@ -252,6 +254,9 @@ def _int_at_least(minimum, none_word: str | None = None):
         except ValueError:
             spelled = f" or {none_word!r}" if none_word else ""
             raise argparse.ArgumentTypeError(f"expected an integer{spelled}, got {text!r}") from None
+        if maximum is not None and not (minimum if minimum is not None else value) <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected {configuration.allowed_range(int, minimum, maximum)}, "
+                                             f"got {value}")
         if minimum is not None and value < minimum:
             bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise argparse.ArgumentTypeError(f"expected {bound}, got {value}")
@@ -473,8 +478,9 @@ def cmd_evaluate(args) -> int:
         from .callbacks import log_evaluation
 
         log_evaluation(run.run_dir / "tensorboard", run.epoch, report)
+    bounds = getattr(run.program, "bounds", "log p(x)")  # what the ELBO and log_px_* are of
     if args.json:
-        out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0]}
+        out = {"run_dir": str(run.run_dir), "epoch": run.epoch, "num_images": images.shape[0], "bounds": bounds}
         out.update({k: {"mean": e.mean, "stderr": e.stderr, "mc_stderr": e.mc_stderr} for k, e in report.items()})
         if report.notes:
             out["notes"] = report.notes
@@ -496,6 +502,10 @@ def cmd_evaluate(args) -> int:
             "nats per image: log-probabilities of the 8-bit pixel values" if eight_bit else "nats per image")
     print(f"{run.run_dir} after {_epochs(run.epoch)}, {images.shape[0]} {args.split} images ({kind}; mean +- its s.e. over "
           "the images, +- its Monte Carlo s.e. for these images)")
+    if bounds != "log p(x)":  # a conditional program: its numbers are of part of each image given the rest
+        detail = getattr(run.program, "bounds_detail", None)
+        print(f"  (conditional: elbo and log_px_* are bounds on {bounds}, log_lik is E_q of "
+              f"{bounds.replace(')', ', z)')}{'; ' + detail if detail else ''})")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
         if per_dim and key.startswith(("log_px", "elbo")):
@@ -595,7 +605,7 @@ def cmd_gaps(args) -> int:
         return 0
     print(f"{run.run_dir} after {_epochs(run.epoch)}, {test.images.shape[0]} {args.split} images, K = {args.num_samples} "
           "(nats per image, mean +- s.e.)")
-    names = {"log_px": "log p(x)" + (" (AIS)" if schedule is not None else ""), "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
+    names = {"log_px": getattr(run.program, "bounds", "log p(x)") + (" (AIS)" if schedule is not None else ""), "elbo_amortized": "L[q]  (the encoder)", "elbo_optimal": "L[q*] (per image)",
              "inference_gap": "inference gap", "approximation_gap": "  approximation", "amortization_gap":
              "  amortisation"}
     for key, est in report.items():
@@ -625,10 +635,11 @@ def _activity(run, test, where=None):
     labels = test.labels if ProgramCall(run.program).takes["y"] else None
     try:
         with pyro.get_param_store().scope():
-            return latent_activity(run.program.model, run.program.guide, test.images, labels=labels,
-                                   **(where if ProgramCall(run.program).takes["index"] else {}))
+            activity = latent_activity(run.program.model, run.program.guide, test.images, labels=labels,
+                                       **(where if ProgramCall(run.program).takes["index"] else {}))
     except NotImplementedError:
         return None
+    return activity or None  # (a program without latents has no units)
 
 
 def cmd_sample(args) -> int:

@@ -21,8 +21,9 @@ from . import catalog
 from .registry import Registry
 
 
-def setting(default, help: str, *, minimum: float | None = None, registry: Registry | None = None,
-            choices: tuple[str, ...] | None = None, none_word: str | None = None, metavar: str | None = None):
+def setting(default, help: str, *, minimum: float | None = None, maximum: float | None = None,
+            registry: Registry | None = None, choices: tuple[str, ...] | None = None, none_word: str | None = None,
+            metavar: str | None = None):
     """A configuration field with what the CLI and validation need to know about it.
 
     :param registry: the :class:`pyro_vae.registry.Registry` (of :mod:`pyro_vae.catalog`)
@@ -30,9 +31,10 @@ def setting(default, help: str, *, minimum: float | None = None, registry: Regis
         config imports no model code.
     :param choices: a fixed list of valid values, with ``help`` saying what each means.
     :param minimum: the least valid value of a number (``0`` admits 0, ``1`` means positive).
+    :param maximum: the greatest valid value of a number, when there is one.
     :param none_word: how the CLI spells the default ``None`` (``--train-limit all``).
     """
-    meta = {"help": help, "minimum": minimum, "registry": registry, "choices": choices,
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "registry": registry, "choices": choices,
             "none_word": none_word, "metavar": metavar}
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
@@ -89,13 +91,25 @@ def _check_value(f: dataclasses.Field, value) -> None:
             raise ValueError(f"{name} must be a number, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
-    minimum = f.metadata.get("minimum")
+    minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if maximum is not None and not (minimum if minimum is not None else value) <= value <= maximum:
+        raise ValueError(f"{name} must be {allowed_range(kind, minimum, maximum)} ({f.metadata['help']}), "
+                         f"got {value!r}")
     if minimum is not None and value < minimum:
         bound = "positive" if minimum == 1 and kind is int else f"at least {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     choices = choices_of(f)
     if choices is not None and value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def allowed_range(kind: type, minimum, maximum) -> str:
+    """``"1, 2 or 3"`` for a few integers, else ``"between a and b"`` (``"at most b"``)."""
+    if minimum is None:
+        return f"at most {maximum}"
+    if kind is int and maximum - minimum < 5:
+        return ", ".join(map(str, range(minimum, maximum))) + f" or {maximum}"
+    return f"between {minimum} and {maximum}"
 
 
 def _field_kind(f: dataclasses.Field) -> type:
@@ -126,6 +140,16 @@ class ModelConfig(_Section):
                                               "(p(z1|z2) mirrors them)", minimum=1, metavar="N")
     # the flow of flow guides (--model vae-iaf)
     flow_steps: int = setting(2, "flow guides only: inverse autoregressive transforms after the Gaussian", minimum=1)
+    # quadrant completion (--model cvae, cvae-baseline), as in Pyro's CVAE tutorial: 1 shows the
+    # bottom-left quadrant, 2 the left half, 3 all but the bottom-right quadrant
+    quadrants: int = setting(1, "quadrant completion only: quadrants of each image shown to the program, 1 (bottom "
+                             "left), 2 (left half) or 3 (all but bottom right); it predicts the others",
+                             minimum=1, maximum=3)
+    baseline: str | None = setting(None, "cvae only: a finished --model cvae-baseline run (same --quadrants, "
+                                   "--hidden-dims, --activation, --likelihood) whose predictions of the hidden "
+                                   "pixels the prior network reads beside the shown ones, as in Pyro's tutorial; "
+                                   "its weights are copied into the new run, frozen (default: no baseline)",
+                                   metavar="RUN_DIR")
 
     def __post_init__(self):
         for name in ("hidden_dims", "z2_hidden_dims"):
@@ -136,7 +160,9 @@ class ModelConfig(_Section):
     # settings that only some families read: (what the setting sets, the model that reads it)
     FAMILY_SETTINGS = {"z2_dim": ("the upper stochastic layer of a two-layer model", "vae2"),
                        "z2_hidden_dims": ("the upper stochastic layer of a two-layer model", "vae2"),
-                       "flow_steps": ("the inverse autoregressive flow of a flow guide", "vae-iaf")}
+                       "flow_steps": ("the inverse autoregressive flow of a flow guide", "vae-iaf"),
+                       "quadrants": ("the quadrants shown to a quadrant-completion model", "cvae"),
+                       "baseline": ("the baseline network whose guesses a conditional VAE's prior reads", "cvae")}
 
     def refuse_unused(self, uses: tuple[str, ...] = ()) -> None:
         """For a family that reads only ``uses`` of :attr:`FAMILY_SETTINGS`: a setting of

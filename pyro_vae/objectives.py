@@ -424,12 +424,16 @@ def log_densities(model_trace: Trace, guide_trace: Trace, plate: str, depth: int
     agreeing = _agreeing_masks(model_trace, guide_trace) if not require_rsample else set()
     model_terms = [_per_image_log_prob(site, plate, "model", depth, agreeing) for site in sample_sites(model_trace)]
     guide_terms = [_per_image_log_prob(site, plate, "guide", depth, agreeing) for site in guide_sites]
-    if not model_terms or not guide_terms:
-        raise ImportanceWeightError("the importance-weighted bound needs sample sites in both the model and the guide")
+    if not model_terms:
+        raise ImportanceWeightError("the importance-weighted bound needs sample sites in the model")
     scales = {scale for _, scale in model_terms + guide_terms}
     if len(scales) != 1:  # one plate, one minibatch: every site has the same N / B
         raise ImportanceWeightError(f"the sites' {plate!r} plates differ in N / B: {sorted(scales)}")
-    log_p, log_q = torch.broadcast_tensors(_total([t for t, _ in model_terms]), _total([t for t, _ in guide_terms]))
+    log_p = _total([t for t, _ in model_terms])
+    # a guide that samples nothing (a model without latents, checked above): q is a point, every
+    # weight is p(x) itself, and the bound is log p(x) exactly
+    log_q = _total([t for t, _ in guide_terms]) if guide_terms else torch.zeros_like(log_p)
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
     images = log_p.shape[-1]
     return scales.pop(), log_p.reshape(-1, images), log_q.reshape(-1, images)
 

@@ -15,6 +15,7 @@ from .catalog import COMPARISONS, FIGURES
 from .figures.canvas import (DPI, FIGSIZE, PAD_VALUE, figure_size, make_grid, mcolors, mpatches, mticker, plt,
                              save_image)
 from .figures.comparison import comparison_figure, default_run_name, kl_profile_figure
+from .figures.completion import _draw_completion, completion_figure  # noqa: F401  (the _draw_: catalog)
 from .figures.curves import curves_figure
 from .figures.decoded import (PRIOR_DRAWS, interpolate, interpolation_figure, interpolation_pairs, manifold_figure,
                               manifold_grid, prior_quantiles, prior_samples, reconstructions, reconstructions_figure,
@@ -26,10 +27,13 @@ from .figures.latent import dims_figure, latent_figure, pca, project_latents, ts
 from .figures.posterior import posterior_figure
 
 # after the imports above: the catalog's "pyro_vae.plots:_draw_..." resolve to the names imported here
-KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all)  # the single-run kinds "all" draws, in order
+# the single-run kinds "all" draws for every program that offers their views, in order (and those of
+# some families only, such as quadrant completion's, for the programs of those families)
+KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all and not FIGURES[n].family_only)
 
 __all__ = [
     "COMPARISONS", "DPI", "FIGSIZE", "FIGURES", "Figure", "KINDS", "PAD_VALUE", "PRIOR_DRAWS", "comparison_figure",
+    "completion_figure",
     "curves_figure", "default_run_name", "dims_figure", "draw_comparison", "draw_figures", "figure_size",
     "interpolate", "interpolation_figure", "interpolation_pairs", "kl_profile_figure", "latent_figure",
     "make_grid", "manifold_figure", "manifold_grid", "mcolors", "mpatches", "mticker", "needs", "pca", "plt",

@@ -108,6 +108,9 @@ class SiteFamily:
         # the model's latents (an autoguide's auxiliary sites, z_unconstrained, are the guide's own)
         sites = [site for name, site in guide_trace.nodes.items() if site["type"] == "sample"
                  and name in model_trace.nodes and not model_trace.nodes[name]["is_observed"]]
+        if not sites:
+            raise NoLocalFamily(f"{type(self.program).__name__}'s guide samples no latent: its ELBO is its "
+                                "log-likelihood exactly, and there is no inference gap to measure")
         self.sites = [(site["name"], *_site_kind(site)) for site in sites]
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         params = []

@@ -35,6 +35,10 @@ Optional, and used when present:
 * ``binary_data``: True when the program scores binary data (grey images are then
   binarised by :func:`pyro_vae.train.train`).
 * ``point_estimate``: True when the guide is a point mass (no ELBO, only log p(x|z)).
+* ``bounds``: what the ELBO and the importance-sampled bound are of, in words, when it is
+  not log p(x): ``"log p(x_hidden | x_shown)"`` for a program that scores part of each image
+  given the rest (quadrant completion); ``evaluate`` and ``gaps`` label their numbers with it
+  (and ``evaluate`` with ``bounds_detail``, the same in words, when the program has it).
 * ``initialize_from_data(images)``: called once with the training images before the
   first step of a new run (not on resume), e.g. to start an output bias at the data's mean.
 * Views for figures and diagnostics (:mod:`pyro_vae.views`): ``z_dim``, ``image_shape``,

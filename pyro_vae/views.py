@@ -16,6 +16,10 @@ view                   what it returns                                        us
                                                                               reconstructions
 ``sample_prior(n)``    ``n`` draws of z ~ p(z), ``(n, z_dim)``                samples
 ``local_family()``     the guide's per-image family, :class:`LocalFamily`      gaps, posterior
+``complete(x, num)``   ``num`` completions of each image from its shown        completion
+                       pixels, ``(num, B, *image_shape)``; with
+                       ``hidden_mask`` and ``predict(x)`` (a baseline's
+                       guess, or None)
 =====================  =====================================================  ==========================
 
 What a program lacks is skipped, with a one-line reason (:func:`missing`). A conditional
@@ -38,6 +42,7 @@ VIEWS = {
     "decode": "E[x|z] from a decoder",
     "sample_prior": "draws of z from the prior",
     "local_family": "a per-image parametric guide family (pyro_vae.posterior.LocalFamily)",
+    "complete": "completions of images from their shown pixels (quadrant completion)",
 }
 
 

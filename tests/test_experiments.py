@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -132,6 +134,49 @@ def test_distributed_bench_script_smoke(tmp_path, data_dir):
         else:  # the run, its epoch, the number of images, the active units: exactly
             assert many[key] == value, key
     assert one["log_px_is10"]["mc_stderr"] > 100 * 1e-6 * abs(one["log_px_is10"]["mean"])
+
+
+@pytest.mark.slow
+def test_cvae_vs_pyro_script_smoke(tmp_path, data_dir):
+    """One epoch of Pyro's CVAE example and of ours, timed side by side (tiny networks, 300 images)."""
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    out = tmp_path / "times.json"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "cvae_vs_pyro.py"), "--smoke", "--json",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"cvae_vs_pyro.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    times = json.loads(out.read_text())
+    assert times["images"] == 300 and len(times["rounds"]["pyro example"]) == len(times["rounds"]["pyro_vae"]) == 1
+    for side in ("pyro example", "pyro_vae"):
+        assert 0 < times["median"][side]["steps"] < times["median"][side]["epoch"]
+    ours, theirs = times["rounds"]["pyro_vae"][0], times["rounds"]["pyro example"][0]
+    # both trained the same task: a loss per image below a coin per hidden pixel (588 of them)
+    assert 0 < -ours["train_elbo"] < 588 * 0.7 and 0 < theirs["last_loss_per_image"] < 588 * 0.7
+    assert "| SVI steps |" in proc.stdout and "| whole epoch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cvae_table_script_smoke(tmp_path, data_dir):
+    """The tutorial's table for 1 quadrant: baseline and CVAE trained, evaluated, tabled; a second
+    call trains and evaluates nothing again."""
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(REPO / "experiments" / "cvae_table.py"), "--smoke", "--runs", str(runs),
+               "--quadrants", "1", "--json", str(tmp_path / "rows.json")]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"cvae_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("$ pyro-vae train") == 2  # the commands are printed for the docs
+    rows = json.loads((tmp_path / "rows.json").read_text())["1"]
+    assert rows["baseline"]["particles"] == 1 and rows["cvae"]["particles"] == 2
+    cvae = rows["cvae"]
+    assert cvae["is_num_samples"] == 10 and cvae["num_test_images"] == cvae["is_test_images"] == 100
+    assert cvae["neg_log_px_is"] <= cvae["neg_elbo_is_images"] + 3 * cvae["is_gain_stderr"]
+    table = (runs / "cvae-table.md").read_text()
+    assert "(tutorial 71.8)" in table and "(tutorial 100.4)" in table and "IS K = 10" in table
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "has finished its 1 epoch" in again.stdout
+    assert table.strip() in again.stdout
+    stored = json.loads((runs / "cvae-q1" / "cvae-table.json").read_text())
+    assert len(stored) == 1  # evaluated once
 
 
 def test_softplus_forms_script_smoke(tmp_path):

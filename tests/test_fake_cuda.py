@@ -90,7 +90,9 @@ def test_a_training_forward_pass_stays_on_the_device_and_reads_nothing_back(mode
         else:
             pytest.skip(f"{estimator} does not apply to {model}: {refused}")
     assert loss.device.type == "cuda" and loss.shape == ()
-    assert audit.ops > 50 and audit.crossings == [] and audit.host_reads == 0
+    # (a program without a latent, the quadrant-completion baseline, makes fewer operations: 50 here)
+    assert audit.ops > (40 if model == "cvae-baseline" else 50)
+    assert audit.crossings == [] and audit.host_reads == 0
 
 
 @contextlib.contextmanager

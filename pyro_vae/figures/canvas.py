@@ -68,18 +68,22 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "comparison": (5.0, 5.2),  # per panel
     "kl-profile": (12.0, 5.0),
     "posterior": (3.6, 4.0),  # per panel (one test image each)
+    "completion": (8.0, 0.72),  # per row of images (10 images a row), and 0.9 more for the two lines of title
 }
 PAD_VALUE = 1.0  # white lines between the images of a grid: they stand out from grey images and black backgrounds
 
 
 def figure_size(kind: str, panels: int = 1) -> tuple[float, float]:
     """Size in inches of a figure of ``kind``; ``panels`` counts the repeated panels of
-    ``interpolation`` (stacked) and ``comparison`` and ``posterior`` (side by side)."""
+    ``interpolation`` (stacked) and ``comparison`` and ``posterior`` (side by side), and the
+    rows of images of ``completion``."""
     w, h = FIGSIZE[kind]
     if kind == "interpolation":
         return (w, h * panels)
     if kind in ("comparison", "posterior"):
         return (w * panels, h)
+    if kind == "completion":  # panels: the rows of images
+        return (w, h * panels + 0.9)
     return (w, h)
 
 

@@ -37,6 +37,9 @@ class Figure:
     view_names: tuple[str, ...] = ()
     check: Callable[..., str | None] | None = None
     in_all: bool = True  # drawn by --kind all (False: only when asked for by name)
+    # a figure of the families that offer its views (quadrant completion): --kind all draws it for
+    # them and says nothing of it for the others
+    family_only: bool = False
 
     def unavailable(self, program, test=None, metrics=None) -> str | None:
         """Why this figure cannot be drawn for ``program`` (one line), or None when it can."""
@@ -46,11 +49,12 @@ class Figure:
         return reason
 
 
-def needs(*view_names: str, check: Callable[..., str | None] | None = None, in_all: bool = True):
+def needs(*view_names: str, check: Callable[..., str | None] | None = None, in_all: bool = True,
+          family_only: bool = False):
     """Decorator: a draw function -> a :class:`Figure` needing ``view_names`` (and ``check``)."""
 
     def wrap(draw) -> Figure:
-        return Figure(draw, view_names, check, in_all)
+        return Figure(draw, view_names, check, in_all, family_only)
 
     return wrap
 
@@ -176,11 +180,13 @@ def draw_figures(
         FIGURES.check(name, "figure kind")
     todo = []
     for name in names:
-        reason = FIGURES[name].unavailable(program, test, metrics)
+        figure = FIGURES[name]
+        reason = figure.unavailable(program, test, metrics)
         if reason is None:
             todo.append(name)
         elif every:
-            log(f"skipped {name}: {reason}")
+            if not (figure.family_only and views.missing(program, *figure.view_names)):
+                log(f"skipped {name}: {reason}")
         else:
             raise ViewUnavailable(f"cannot draw {name}: {reason}")
     options = _Options(method=method, spherical=spherical, seed=seed, pdf=pdf, log=log)
