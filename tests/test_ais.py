@@ -207,6 +207,7 @@ class PositiveLatent(nn.Module):
             pyro.sample("x", dist.Normal(z, 0.5), obs=x)
 
 
+@pytest.mark.slow
 def test_a_constrained_latent_is_annealed_with_its_jacobian():
     x = torch.tensor([0.3, 1.2, 2.5], dtype=torch.float64)
     grid = torch.linspace(1e-6, 20, 400_001, dtype=torch.float64)
@@ -234,6 +235,7 @@ def tiny_run(tmp_path_factory, data_dir):
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_method_ais_and_gaps_with_ais_end_to_end(tiny_run, capsys):
     import json
 
@@ -278,6 +280,7 @@ def test_the_cli_defaults_are_the_schedules():
     assert AIS_DEFAULTS == {"steps": Schedule().steps, "chains": Schedule().chains, "leapfrog": Schedule().leapfrog}
 
 
+@pytest.mark.slow
 def test_the_cost_script_runs_in_its_smoke_mode(tiny_run, tmp_path, data_dir):
     import json
     import os

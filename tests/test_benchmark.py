@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path, data_dir):

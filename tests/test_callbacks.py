@@ -12,6 +12,8 @@ from pyro_vae.runs import read_metrics
 
 from oracle_programs import SHAPE, labels_of, masked_site
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 SETTINGS = dict(batch_size=8, device="cpu", eval_batch_size=100, lr=1e-2)
 STEPS = 3  # 24 images in batches of 8
 

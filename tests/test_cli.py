@@ -86,6 +86,7 @@ def test_sample_and_reconstruct_write_pngs(run_dir, tmp_path):
     assert main(["sample", str(run_dir)]) == 0 and (run_dir / "samples.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(tmp_path, data_dir):
     env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
     out = tmp_path / "run"
@@ -131,6 +132,7 @@ def test_batch_larger_than_the_data_set(tmp_path, data_dir, capsys):
     assert code == 1 and "batch_size 100 is larger than the 50 training images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -278,6 +280,7 @@ def test_unknown_likelihood_leaves_no_run_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_divergence_in_the_first_epoch_leaves_no_trace_and_says_so(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     argv = ["train", *SMALL, "--data-dir", str(data_dir), "--out", str(out)]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 HEAVY = ("torch", "pyro", "torchvision", "matplotlib", "numpy")
 
 
@@ -46,6 +48,7 @@ def test_help_and_usage_errors_import_nothing_heavy():
     assert out["heavy"] == []
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_nothing_heavy_and_the_api_loads_on_first_use():
     res = run_python(f"""
         import json, sys
@@ -61,6 +64,7 @@ def test_importing_the_package_imports_nothing_heavy_and_the_api_loads_on_first_
     assert json.loads(res.stdout) == {"light": [], "train": "pyro_vae.train", "vae": "VAE"}
 
 
+@pytest.mark.slow
 def test_the_catalog_declares_every_built_in_and_each_declaration_resolves():
     """A built-in registered with the decorator instead of a line in pyro_vae/catalog.py
     would be missing from the CLI's choices until its module is imported: no module
@@ -100,6 +104,7 @@ def test_the_registries_are_the_ones_the_modules_export():
     assert plots.FIGURES is catalog.FIGURES and plots.COMPARISONS is catalog.COMPARISONS
 
 
+@pytest.mark.slow
 def test_a_family_registered_with_the_decorator_is_a_choice_like_a_built_in():
     """A user's module registers at import, beside its class, as before: configurations
     validate it, the model builds, and a parser built after the import offers it."""

@@ -27,6 +27,8 @@ from pyro_vae.networks import MLPDecoder, MLPEncoder
 from pyro_vae.objectives import build_elbo
 from pyro_vae.steps import ENGINES, build_engine
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 PAGE = REPO / "docs" / "extending.md"
 
 

@@ -15,6 +15,8 @@ from pyro_vae.checkpoint import Every
 from pyro_vae.cli import DEFAULT_EVERY, main
 from pyro_vae.runs import read_metrics
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-limit", "300", "--test-limit", "50", "--batch-size", "50", "--z-dim", "2", "--hidden-dims", "16",
         "--eval-batch-size", "300", "--device", "cpu", "--no-progress"]

@@ -104,6 +104,7 @@ def test_trace_and_meanfield_elbo_agree_in_expectation():
     assert abs(a.mean() - c.mean()) < 4 * se_c
 
 
+@pytest.mark.slow
 def test_per_image_elbo_does_not_depend_on_batch_size():
     """loss / N from random minibatches of any size estimates the same per-image ELBO."""
     vae = tiny_vae(z_dim=2)

@@ -117,6 +117,7 @@ def exits_cleanly(argv: list[str], capsys) -> None:
         assert re.search(r"^pyro-vae: error: \S", err, re.MULTILINE), err
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=command_lines("train"))
 def test_train_argument_parsing_never_crashes(argv, tmp_path, monkeypatch, capsys):
@@ -132,6 +133,7 @@ def test_train_argument_parsing_never_crashes(argv, tmp_path, monkeypatch, capsy
     exits_cleanly(argv, capsys)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.sampled_from(sorted(set(subcommands(build_parser())) - {"train"})).flatmap(
     lambda name: command_lines(name, max_size=6)))

@@ -31,6 +31,7 @@ def repeated(x, r):
     return x.repeat(r, *([1] * (x.dim() - 1)))
 
 
+@pytest.mark.slow
 def test_importance_sampling_converges_to_exact_log_px():
     vae = tiny_vae(image_shape=(1, 3, 3), z_dim=1, hidden=(6,), seed=2)
     x = random_binary(3, (1, 3, 3))
@@ -111,6 +112,7 @@ def test_chunking_does_not_change_the_estimate():
     assert not torch.allclose(other_seed, whole, rtol=1e-6, atol=0)  # (the comparison above is not vacuous)
 
 
+@pytest.mark.slow
 def test_other_batches_and_chunks_draw_other_noise_for_the_same_estimate():
     """Other image batches, or chunks that split the generator's blocks, give each image
     other draws: another estimate of the same expectation, within standard errors."""

@@ -155,6 +155,7 @@ def test_every_figure_of_a_program_on_unlabelled_non_square_images(kind, tmp_pat
         assert box.width / box.height == pytest.approx(pixels.shape[1] / pixels.shape[0], rel=0.02)  # square pixels
 
 
+@pytest.mark.slow
 def test_posterior_figure_draws_nuts_draws_and_both_guides(tmp_path, drawn):
     lines = []
     program = vae_on(FACE, z_dim=2)
@@ -183,6 +184,7 @@ def test_latent_figure_without_labels_has_no_class_colours_and_says_so(tmp_path,
     assert len(np.unique(points.get_facecolors(), axis=0)) == 1
 
 
+@pytest.mark.slow
 def test_all_draws_every_figure_with_pdfs_and_logs_active_units(tmp_path):
     lines = []
     program = vae_on(FACE, z_dim=2)
@@ -208,6 +210,7 @@ def test_all_skips_what_a_program_without_views_cannot_draw(tmp_path, drawn):
     assert "log-density" in drawn["curves"].axes[0].get_ylabel()  # grey pixels: densities, not probabilities
 
 
+@pytest.mark.slow
 def test_all_skips_what_needs_a_standard_normal_prior_or_two_dimensions(tmp_path, drawn):
     lines = []
     program = vae_on(FACE, z_dim=3, family=MixturePriorVAE)
@@ -220,6 +223,7 @@ def test_all_skips_what_needs_a_standard_normal_prior_or_two_dimensions(tmp_path
     assert "z \\sim p(z)" in titles(drawn["samples"])  # not N(0, I)
 
 
+@pytest.mark.slow
 def test_the_autoencoder_has_no_kl_per_dimension(tmp_path):
     lines = []
     plots.draw_figures(["all"], vae_on(FACE, z_dim=2, family=Autoencoder), faces(), DENSITY_METRICS, tmp_path,
@@ -354,12 +358,14 @@ def pyro_vae(argv):
     return main(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", plots.KINDS)
 def test_every_plot_kind_writes_a_png_of_the_promised_size(tiny_run, tmp_path, kind):
     assert pyro_vae(["plot", str(tiny_run), "--kind", kind, "--out", str(tmp_path)]) == 0
     assert png_size(tmp_path / f"{kind}.png") == expected_pixels(kind)
 
 
+@pytest.mark.slow
 def test_kind_all_draws_every_figure_and_pdfs(tiny_run, tmp_path):
     assert pyro_vae(["plot", str(tiny_run), "--kind", "all", "--out", str(tmp_path), "--pdf", "--spherical"]) == 0
     for kind in plots.KINDS:
@@ -445,6 +451,7 @@ def test_tsne_without_scikit_learn_says_how_to_get_it(monkeypatch):
         plots.tsne(torch.randn(20, 5))
 
 
+@pytest.mark.slow
 def test_tsne_keeps_separated_clusters_apart():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(30, 10, generator=g)

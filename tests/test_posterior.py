@@ -70,6 +70,7 @@ def images(n=6, seed=0):
     return z @ W.T + B + S * torch.randn(n, 3, generator=gen, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_optimal_member_is_the_exact_posterior():
     program, x = LinearGaussian(), images()
     (loc, scale), steps = optimal_local_parameters(program, local_family(program), x, lr=2e-2, max_steps=3000)
@@ -82,6 +83,7 @@ def test_optimal_member_is_the_exact_posterior():
     assert (start - mean).abs().max() > 0.5
 
 
+@pytest.mark.slow
 def test_gaps_against_the_exact_values():
     program, x = LinearGaussian(), images()
     gaps = inference_gaps(program, x, num_samples=4000, elbo_samples=4000, lr=2e-2)
@@ -121,6 +123,7 @@ def test_the_gaps_bar_moves_within_a_batch_and_adds_up_to_the_images():
     assert len(gaps.steps) == 2
 
 
+@pytest.mark.slow
 def test_nuts_samples_the_exact_posterior():
     program, x = LinearGaussian(), images(1, seed=3)
     samples = nuts_posterior(program, x, num_samples=1000, warmup=300)
@@ -191,6 +194,7 @@ class TwoSites(torch.nn.Module):
         return log_px, elbo
 
 
+@pytest.mark.slow
 def test_gaps_of_a_program_with_two_latent_sites_against_exact_values():
     program = TwoSites()
     x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1.5
@@ -215,6 +219,7 @@ def tiny_runs(tmp_path_factory, data_dir):
     return root
 
 
+@pytest.mark.slow
 def test_gaps_command_end_to_end(tiny_runs, capsys):
     assert main(["gaps", str(tiny_runs / "vae"), "--limit", "4", "--num-samples", "50", "--max-steps", "200",
                  "--json"]) == 0
@@ -359,6 +364,7 @@ def assert_the_gaps_are_the_differences_of_the_terms(gaps):
         assert r[gap].mean == pytest.approx(r[high].mean - r[low].mean, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_the_gaps_of_a_flow_guide_optimise_its_local_parameters():
     flow = flow_vae(seed=2)
     x = torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64))
@@ -386,6 +392,7 @@ def test_dreg_refuses_a_flow_guide_whose_rescoring_would_invert_it():
         x=torch.bernoulli(torch.full((4, 1, 2, 2), 0.4, dtype=torch.float64)), num_data=4)  # plain IWAE trains it
 
 
+@pytest.mark.slow
 def test_the_two_layer_vae_has_gaps_over_both_its_latent_sites():
     from pyro_vae import ModelConfig, build_model
     from pyro_vae.posterior import SiteFamily, gap_family

@@ -69,6 +69,7 @@ def test_a_run_without_factory_asks_for_the_program(tmp_path):
     assert load_run(tmp_path / "run", program=MixturePriorVAE()).epoch == 2
 
 
+@pytest.mark.slow
 def test_the_cli_loads_a_user_program_by_its_factory(tmp_path, data_dir):
     """A registered data set recorded in the run, and the program's factory given as a file."""
     script = tmp_path / "user_program.py"

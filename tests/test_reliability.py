@@ -20,7 +20,7 @@ from pyro_vae.train import TrainingDivergedError
 from pyro_vae.models import build_model
 
 # the NaN tests make Pyro warn about the NaN they inject
-pytestmark = pytest.mark.filterwarnings("ignore:Encountered NaN")
+pytestmark = [pytest.mark.filterwarnings("ignore:Encountered NaN"), pytest.mark.slow]
 
 EPOCHS = 5
 FLAGS = ["--train-limit", "2000", "--test-limit", "100", "--batch-size", "50", "--z-dim", "20",

@@ -19,6 +19,8 @@ import pyro_vae.train as train_module
 
 from test_reliability import config, flags, start, wait_for_epochs
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
+
 EPOCHS = 3
 quiet = dict(progress=False, log=lambda s: None)
 

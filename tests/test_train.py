@@ -84,6 +84,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert drop(read_metrics(tmp_path / "straight")) == drop(read_metrics(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
 def test_a_run_resumes_with_the_softplus_form_it_was_saved_with(tmp_path, data_dir, monkeypatch):
     """The CPU softplus form is measured per process, and the two forms differ by rounding:
     a process that measures the other form must still resume a run bit-exactly."""
