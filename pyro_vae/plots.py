@@ -26,7 +26,9 @@ from .figures.latent import dims_figure, latent_figure, pca, project_latents, ts
 from .figures.posterior import posterior_figure
 
 # after the imports above: the catalog's "pyro_vae.plots:_draw_..." resolve to the names imported here
-KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all)  # the single-run kinds "all" draws, in order
+# the single-run kinds "all" draws for every program that offers their views, in order (and those of
+# some families only, such as quadrant completion's, for the programs of those families)
+KINDS = tuple(n for n in FIGURES.names() if FIGURES[n].in_all and not FIGURES[n].family_only)
 
 __all__ = [
     "COMPARISONS", "DPI", "FIGSIZE", "FIGURES", "Figure", "KINDS", "PAD_VALUE", "PRIOR_DRAWS", "comparison_figure",

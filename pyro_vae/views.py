@@ -16,6 +16,8 @@ view                   what it returns                                        us
                                                                               reconstructions
 ``sample_prior(n)``    ``n`` draws of z ~ p(z), ``(n, z_dim)``                samples
 ``local_family()``     the guide's per-image family, :class:`LocalFamily`      gaps, posterior
+``num_classes``        the number of classes of a label y                     analogies
+``predict_class(x)``   the predicted class of each image, ``(B,)``            accuracy
 =====================  =====================================================  ==========================
 
 What a program lacks is skipped, with a one-line reason (:func:`missing`). A conditional
@@ -38,6 +40,8 @@ VIEWS = {
     "decode": "E[x|z] from a decoder",
     "sample_prior": "draws of z from the prior",
     "local_family": "a per-image parametric guide family (pyro_vae.posterior.LocalFamily)",
+    "num_classes": "the number of classes of its label y",
+    "predict_class": "a predicted class of each image",
 }
 
 

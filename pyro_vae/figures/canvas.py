@@ -68,6 +68,7 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "comparison": (5.0, 5.2),  # per panel
     "kl-profile": (12.0, 5.0),
     "posterior": (3.6, 4.0),  # per panel (one test image each)
+    "analogies": (7.0, 5.6),
 }
 PAD_VALUE = 1.0  # white lines between the images of a grid: they stand out from grey images and black backgrounds
 

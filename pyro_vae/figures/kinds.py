@@ -37,6 +37,9 @@ class Figure:
     view_names: tuple[str, ...] = ()
     check: Callable[..., str | None] | None = None
     in_all: bool = True  # drawn by --kind all (False: only when asked for by name)
+    # a figure of the families that offer its views (quadrant completion): --kind all draws it for
+    # them and says nothing of it for the others
+    family_only: bool = False
 
     def unavailable(self, program, test=None, metrics=None) -> str | None:
         """Why this figure cannot be drawn for ``program`` (one line), or None when it can."""
@@ -46,11 +49,12 @@ class Figure:
         return reason
 
 
-def needs(*view_names: str, check: Callable[..., str | None] | None = None, in_all: bool = True):
+def needs(*view_names: str, check: Callable[..., str | None] | None = None, in_all: bool = True,
+          family_only: bool = False):
     """Decorator: a draw function -> a :class:`Figure` needing ``view_names`` (and ``check``)."""
 
     def wrap(draw) -> Figure:
-        return Figure(draw, view_names, check, in_all)
+        return Figure(draw, view_names, check, in_all, family_only)
 
     return wrap
 
@@ -129,6 +133,14 @@ def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
     return curves_figure(metrics, path, density=density, pdf=opt.pdf)
 
 
+@needs("num_classes", "image_shape", "posterior_mean", "decode", family_only=True)
+def _draw_analogies(program, test, metrics, path, opt: _Options) -> Path:
+    from .analogies import analogies_figure
+
+    return analogies_figure(program, test.images, test.labels, path, seed=opt.seed, classes=test.classes,
+                            pdf=opt.pdf)
+
+
 @needs("z_dim", "local_family", check=_two_dimensional, in_all=False)
 def _draw_posterior(program, test, metrics, path, opt: _Options) -> Path:
     return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log, labels=test.labels)
@@ -176,11 +188,13 @@ def draw_figures(
         FIGURES.check(name, "figure kind")
     todo = []
     for name in names:
-        reason = FIGURES[name].unavailable(program, test, metrics)
+        figure = FIGURES[name]
+        reason = figure.unavailable(program, test, metrics)
         if reason is None:
             todo.append(name)
         elif every:
-            log(f"skipped {name}: {reason}")
+            if not (figure.family_only and views.missing(program, *figure.view_names)):
+                log(f"skipped {name}: {reason}")
         else:
             raise ViewUnavailable(f"cannot draw {name}: {reason}")
     options = _Options(method=method, spherical=spherical, seed=seed, pdf=pdf, log=log)
