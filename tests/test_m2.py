@@ -214,6 +214,7 @@ DATA = dict(dataset="mnist", train_limit=300, test_limit=50)
 SETTINGS = TrainConfig(epochs=2, batch_size=40, device="cpu", estimator="traceenum", eval_batch_size=100)
 
 
+@pytest.mark.slow
 def test_no_hidden_label_reaches_the_program_and_the_subset_is_recorded(tmp_path, data_dir):
     from pyro_vae.data import load_data
 
@@ -246,6 +247,7 @@ def test_no_hidden_label_reaches_the_program_and_the_subset_is_recorded(tmp_path
     assert state["labelled"].tolist() == record["positions"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_restores_its_labelled_subset_exactly(tmp_path, data_dir, monkeypatch):
     def run(out, epochs, resume=False):
         program = recording_program()
