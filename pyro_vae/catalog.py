@@ -30,6 +30,10 @@ MODELS.declare("cvae", "pyro_vae.models.cvae:conditional_vae_from_config",
 MODELS.declare("cvae-baseline", "pyro_vae.models.cvae:completion_baseline_from_config",
                "quadrant completion's deterministic baseline network: hidden pixels ~ the likelihood(f(shown)), no "
                "latent (its ELBO is log p(hidden | shown) exactly)")
+MODELS.declare("m2", "pyro_vae.models.m2:m2_from_config",
+               "semi-supervised M2 (Kingma et al. 2014, Pyro's SS-VAE tutorial): y ~ Cat(1/10), z ~ N(0, I), x | y, z; "
+               "q(y|x) q(z|x, y), y summed out where unlabelled (--estimator traceenum); --labels N keeps N labels, "
+               "--aux-weight the classification loss")
 
 LIKELIHOODS = Registry("likelihood")
 LIKELIHOODS.declare("bernoulli", "pyro_vae.likelihoods:BernoulliLikelihood",
@@ -112,6 +116,9 @@ FIGURES.declare("dims", "pyro_vae.plots:_draw_dims",
                 "per latent dimension: q(z_d|x) of a few test images, KL from the prior, activity")
 FIGURES.declare("curves", "pyro_vae.plots:_draw_curves",
                 "ELBO, expected log-likelihood and KL per epoch, train and test")
+FIGURES.declare("analogies", "pyro_vae.figures.kinds:_draw_analogies",
+                "models with a class and a style (m2): the style z of 8 test digits held fixed while the class y runs "
+                "over every class (Kingma et al. 2014, Figure 1); drawn by 'all' where the model has classes")
 FIGURES.declare("posterior", "pyro_vae.plots:_draw_posterior",
                 "z_dim = 2: true posterior p(z|x) by NUTS against q(z|x) and the per-image optimum q*(z|x), for 4 "
                 "test images (minutes: NUTS; only when asked for)")

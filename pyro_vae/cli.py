@@ -508,6 +508,8 @@ def cmd_evaluate(args) -> int:
               f"{bounds.replace(')', ', z)')}{'; ' + detail if detail else ''})")
     for key, est in report.items():
         line = f"  {key:<16} {est}"
+        if key == "accuracy":  # (a fraction, not nats)
+            line = f"  {key:<16} {est.mean:.4f} +- {est.stderr:.4f}   (the fraction of the images classified right)"
         if per_dim and key.startswith(("log_px", "elbo")):
             line += f"   = {bits_per_dim(est.mean, dims):.4f} +- {-bits_per_dim(est.stderr, dims):.4f} bits per dimension"
         print(line)

@@ -150,6 +150,9 @@ class ModelConfig(_Section):
                                    "pixels the prior network reads beside the shown ones, as in Pyro's tutorial; "
                                    "its weights are copied into the new run, frozen (default: no baseline)",
                                    metavar="RUN_DIR")
+    # Kingma et al.'s alpha, per labelled image as in Pyro's SS-VAE tutorial (its default, -alm 46)
+    aux_weight: float = setting(46.0, "m2 only: weight alpha of the auxiliary loss alpha * log q(y|x) of each labelled "
+                                "image (Kingma et al. 2014; 0: none)", minimum=0)
 
     def __post_init__(self):
         for name in ("hidden_dims", "z2_hidden_dims"):
@@ -162,7 +165,8 @@ class ModelConfig(_Section):
                        "z2_hidden_dims": ("the upper stochastic layer of a two-layer model", "vae2"),
                        "flow_steps": ("the inverse autoregressive flow of a flow guide", "vae-iaf"),
                        "quadrants": ("the quadrants shown to a quadrant-completion model", "cvae"),
-                       "baseline": ("the baseline network whose guesses a conditional VAE's prior reads", "cvae")}
+                       "baseline": ("the baseline network whose guesses a conditional VAE's prior reads", "cvae"),
+                       "aux_weight": ("the auxiliary classification loss of a semi-supervised model", "m2")}
 
     def refuse_unused(self, uses: tuple[str, ...] = ()) -> None:
         """For a family that reads only ``uses`` of :attr:`FAMILY_SETTINGS`: a setting of
@@ -212,6 +216,10 @@ class DataConfig(_Section):
     test_limit: int | None = setting(None, "evaluate on the first N test images only", minimum=1,
                                      none_word="all", metavar="N")
     download: bool = setting(True, "try the download when the files are missing")
+    # semi-supervised training (--model m2): the rest of the labels never reach the program
+    labels: int | None = setting(None, "keep the labels of N training images, the same number of each class, chosen "
+                                 "by --seed and recorded in the run; the others are hidden from the program "
+                                 "(semi-supervised models only)", minimum=0, none_word="all", metavar="N")
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,8 @@ def evaluate_model(
     (``point_estimate``) has neither an ELBO nor an importance-sampled bound: its report
     holds ``log_lik`` only. A program whose log p(x) is not defined per image (a global
     latent, a scaled site) gets the ELBO and a note that says why there is no bound
-    (``Report.notes``). ``labels`` reach programs that take ``y``. ``group``: the
+    (``Report.notes``). ``labels`` reach programs that take ``y``; with a program that
+    classifies (the ``predict_class`` view), they give its ``accuracy``. ``group``: the
     processes that share the importance sampling (the ELBO terms are cheap and computed
     whole on every rank).
 
@@ -356,6 +357,7 @@ def evaluate_model(
     from .scoring import ScoringError
 
     call = ProgramCall(program)
+    known = labels
     if call.takes["index"] and index is None:
         raise ScoringError(
             f"{type(program).__name__} takes index: it keeps parameters per training image, and has no posterior for "
@@ -373,6 +375,8 @@ def evaluate_model(
         if getattr(program, "point_estimate", False):
             return Report({"log_lik": Estimate.of(terms["log_lik"], _spread(repeats, "log_lik"))})
         report = Report({k: Estimate.of(v, _spread(repeats, k)) for k, v in terms.items()})
+        if known is not None and getattr(program, "predict_class", None) is not None:
+            report["accuracy"] = accuracy(program, images, known, max(batch_size, 1000))
         if num_samples > 0:
             try:
                 log_px, var = log_px_importance(program.model, program.guide, images, num_samples, batch_size,
@@ -384,6 +388,16 @@ def evaluate_model(
                 mc = float(var.sum().sqrt() / var.numel())
                 report[f"log_px_is{num_samples}"] = Estimate.of(log_px, mc)
     return report
+
+
+@torch.no_grad()
+def accuracy(program, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> Estimate:
+    """The fraction of ``images`` whose class the program's ``predict_class`` view (argmax q(y|x)
+    for M2) gets right, with its standard error over the images (a binomial one)."""
+    require(program, "predict_class", purpose="the accuracy")
+    right = torch.cat([program.predict_class(images[s : s + batch_size]) == labels[s : s + batch_size]
+                       for s in range(0, images.shape[0], batch_size)])
+    return Estimate.of(right.double())
 
 
 def _spread(repeats: list[dict], key: str) -> float | None:

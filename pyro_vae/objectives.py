@@ -24,13 +24,19 @@ with the doubly reparameterised gradient of Tucker et al. (2019) for the guide
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from opt_einsum import shared_intermediates
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.traceenum_elbo import _compute_dice_elbo
+from pyro.infer.util import Dice, _fulldot
+from pyro.ops import packed
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import MarginalRing
 from pyro.infer.tracegraph_elbo import _compute_elbo as _compute_graph_elbo
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
@@ -87,8 +93,12 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
             elbo = elbo - _total([site["log_prob_sum"] for site in guide_sites])
         if all(is_identically_zero(site["score_parts"].score_function) for site in guide_sites):
             return elbo, None
-        # a guide site without rsample: Pyro's surrogate carries its score-function gradient
-        _, surrogate_loss = Trace_ELBO._differentiable_loss_particle(self, model_trace, guide_trace)
+        # a guide site without rsample (a class drawn, not enumerated): Pyro's surrogate carries
+        # its score-function gradient; Pyro reads the ELBO's value beside it (torch_item), unused here
+        from pyro.infer import trace_elbo
+
+        with _module_global(trace_elbo, "torch_item", _unread):
+            _, surrogate_loss = Trace_ELBO._differentiable_loss_particle(self, model_trace, guide_trace)
         return elbo, -surrogate_loss
 
 
@@ -131,26 +141,104 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
 
 
 class OnDeviceTraceEnum_ELBO(TraceEnum_ELBO):
-    r""":class:`pyro.infer.TraceEnum_ELBO` without Pyro's NaN check of the loss.
+    r""":class:`pyro.infer.TraceEnum_ELBO` whose differentiable loss reads nothing back to the host.
 
     Each particle's ELBO is Pyro's DiCE estimate (``_compute_dice_elbo``): the sites marked
     for enumeration, in the guide (``config_enumerate``) or the model, summed over their
-    values exactly, the others sampled. Pyro's own ``differentiable_loss`` is this sum
-    with a NaN check that reads the value back to the host; here the loop reads nothing
-    (the engines check for NaN themselves, before the optimiser moves).
-
-    Pyro's DiCE expectation itself reads one boolean per cost term back to the host
-    (``mask.all()`` in ``pyro.infer.util.Dice.compute_expectation``, to skip zero
-    probabilities): a synchronisation per step on CUDA, and the reason the recorded
-    engine runs this estimator eagerly (it warns once)."""
-
-    host_reads = "Pyro's Dice.compute_expectation reads mask.all() for each cost term"
+    values exactly, the others sampled. Pyro's own ``differentiable_loss`` adds a NaN check
+    of the loss, a read of its value (the engines check for NaN themselves, before the
+    optimiser moves); and Pyro's DiCE expectation (``Dice.compute_expectation``) reads one
+    boolean per cost term, ``(prob > 0).all()``, to decide whether terms of probability 0
+    need dropping (their cost may be infinite, and 0 * inf is NaN). Here
+    :class:`DeviceDice` drops them on the device, always: ``prob`` and ``cost`` are set to
+    0 where ``prob`` is 0 (``masked_fill``, which leaves every value as it is when no
+    probability is 0) before Pyro's same ``tensordot``. The value is Pyro's to rounding
+    (``masked_fill`` lays out the broadcast tensors anew, so the dot product may add in
+    another order: 1e-13 relatively in float64, ``tests/test_m2.py``), and the step has no
+    host read, so the captured engine records it (:mod:`pyro_vae.capture`) like the other
+    estimators; the ``module`` and ``captured`` engines take bit-identical steps with it."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        elbos = [_compute_dice_elbo(model_trace, guide_trace)
+        elbos = [dice_elbo(model_trace, guide_trace)
                  for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs)]
         total = _total(elbos)
         return -total / self.num_particles if self.num_particles > 1 else -total
+
+
+class DeviceDice(Dice):
+    """Pyro's :class:`pyro.infer.util.Dice` whose expectation reads nothing back to the host
+    (see :class:`OnDeviceTraceEnum_ELBO`). ``compute_expectation`` is Pyro 1.9's
+    (Apache 2.0) with the host read ``mask.all()`` and the ``masked_select`` it guards
+    (whose result has a data-dependent shape) replaced by ``masked_fill``, and the
+    probability promoted to the cost's dtype where they differ (Pyro's ``tensordot`` refuses
+    a float32 probability beside a cost scaled by float64 weights, as the per-image
+    scores of :mod:`pyro_vae.scoring` scale them)."""
+
+    def compute_expectation(self, costs):
+        with shared_intermediates() as cache:
+            ring = MarginalRing(cache=cache)
+            expected_cost = 0.0
+            for ordinal, cost_terms in costs.items():
+                log_factors = self._get_log_factors(ordinal)
+                scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
+                log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
+                # a query per set of dims of the cost terms, for their marginal probability
+                queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
+                for log_factor in log_factors:
+                    key = frozenset(log_factor._pyro_dims)
+                    if queries.get(key, False) is None:
+                        queries[key] = log_factor
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    if queries[key] is None:
+                        query = torch.zeros_like(cost)
+                        query._pyro_dims = cost._pyro_dims
+                        log_factors.append(query)
+                        queries[key] = query
+                sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+                for query in queries.values():
+                    require_backward(query)
+                root = ring.sumproduct(log_factors, sum_dims)
+                root._pyro_backward()
+                probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    prob = probs[key]
+                    prob._pyro_dims = queries[key]._pyro_dims
+                    mask = prob > 0
+                    mask._pyro_dims = prob._pyro_dims
+                    cost, prob, mask = packed.broadcast_all(cost, prob, mask)
+                    prob = prob.masked_fill(~mask, 0)  # (here Pyro reads mask.all() and masked_selects)
+                    cost = cost.masked_fill(~mask, 0)
+                    # a cost scaled by a float64 weight (pyro_vae.scoring) beside a float32 probability
+                    prob = prob.to(torch.promote_types(prob.dtype, cost.dtype))
+                    expected_cost = expected_cost + scale * _fulldot(prob, cost)
+        return expected_cost
+
+
+def dice_elbo(model_trace, guide_trace):
+    """Pyro's ``_compute_dice_elbo`` of the two traces, its expectation taken by :class:`DeviceDice`."""
+    from pyro.infer import traceenum_elbo
+
+    with _module_global(traceenum_elbo, "Dice", DeviceDice):
+        return _compute_dice_elbo(model_trace, guide_trace)
+
+
+@contextlib.contextmanager
+def _module_global(module, name: str, value):
+    """``module.name`` is ``value`` for the block: Pyro's function, run with one of the names
+    it looks up swapped for ours (its ``Dice``, its ``torch_item``)."""
+    was = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, was)
+
+
+def _unread(x):
+    """``torch_item`` without the read: the tensor itself (its value is not used)."""
+    return x
 
 
 class OnDeviceTraceGraph_ELBO(TraceGraph_ELBO):

@@ -15,7 +15,14 @@ A *program* is a :class:`torch.nn.Module` with two Pyro callables over the same 
         def guide(self, x, y=None, *, num_data=None, kl_weight=1.0): ...   # q(z | x, ...)
 
 * ``x`` is a minibatch of images ``(B, C, H, W)``; ``y`` its labels ``(B,)``, passed only
-  when the data set has labels and the program's ``model`` and ``guide`` take ``y``.
+  when the data set has labels and the program's ``model`` and ``guide`` take ``y``: a
+  *conditional* program, given every image's label in training and in every evaluation.
+* ``num_labelled`` (optional) makes a *semi-supervised* program, trained on data whose
+  labels are known for some images only (``--labels N``): in training, ``y`` holds the
+  labels of the first ``len(y)`` images of ``x`` (``len(y)`` may be 0, or ``B``), the rest
+  are unlabelled, and ``num_labelled`` is the number of labelled images in the data set
+  (``num_data`` counts them all). A label that was hidden never reaches the program. The
+  evaluations call it without ``y`` and ``num_labelled``: y is then a latent of every image.
 * ``num_data`` (required) is the size N of the whole data set: the ``"data"`` plate is told
   it (:func:`data_plate`), so Pyro scales the minibatch's terms by N / B.
 * ``kl_weight`` (optional) weights the latent sites (beta-VAE, KL warm-up); a program
@@ -100,7 +107,7 @@ class ProgramCall:
         guide = model if isinstance(poutine.unwrap(program.guide), Messenger) or _takes_anything(program.guide) \
             else _arguments(program.guide)
         self.takes = {}
-        for arg in ("y", "num_data", "kl_weight", "index"):
+        for arg in ("y", "num_data", "kl_weight", "index", "num_labelled"):
             if (arg in model) != (arg in guide):
                 has, lacks = ("model", "guide") if arg in model else ("guide", "model")
                 raise TypeError(f"{type(program).__name__}.{has} takes {arg} but its {lacks} does not; Pyro calls "
@@ -110,16 +117,26 @@ class ProgramCall:
             raise TypeError(f"{type(program).__name__}.model must take num_data=..., the size of the whole data set, "
                             "and tell its 'data' plate (pyro_vae.models.data_plate(x, num_data)), so that the "
                             "loss of a minibatch estimates the whole data set's")
+        # semi-supervised: y is the labels of some images, in training only; "takes y" means
+        # conditional (every image's label, in every call), which it is not
+        self.semi_supervised = self.takes["num_labelled"]
+        if self.semi_supervised and "y" not in model:
+            raise TypeError(f"{type(program).__name__}.model takes num_labelled but not y; a semi-supervised program "
+                            "takes both (y: the labels of the first len(y) images of x)")
+        self.takes["y"] = self.takes["y"] and not self.semi_supervised
         self.program = program
 
     def kwargs(self, batch: dict[str, torch.Tensor], **options) -> dict:
-        """The keyword arguments of one call: the batch's tensors and the options the program takes."""
+        """The keyword arguments of one call: the batch's tensors and the options the program takes
+        (``num_labelled`` goes to a semi-supervised program only, with the labels in ``batch["y"]``)."""
         out = {"x": batch["x"]}
-        if self.takes["y"] and batch.get("y") is not None:
+        if (self.takes["y"] or self.semi_supervised) and batch.get("y") is not None:
             out["y"] = batch["y"]
         if self.takes["index"] and batch.get("index") is not None:
             out["index"] = batch["index"]
         for name, value in options.items():
+            if name == "num_labelled" and not self.semi_supervised:
+                continue
             if name == "kl_weight" and not self.takes["kl_weight"]:
                 if value != 1:
                     raise TypeError(f"a KL weight of {value} needs a program whose model and guide take kl_weight; "

@@ -42,6 +42,7 @@ from .config import ModelConfig, ProgramRecord, RunConfig
 CONFIG_NAME = "config.json"
 VERSIONS_NAME = "versions.json"
 METRICS_NAME = "metrics.jsonl"
+LABELLED_NAME = "labelled.json"  # --labels N: the positions of the training images whose labels the run keeps
 LOCK_NAME = ".lock"  # held by the one process that trains into the folder
 
 

@@ -143,11 +143,11 @@ class Scorer:
             self._inspect(model, guide, kwargs)
         if self.enumerated:
             estimator = TraceEnum_ELBO(max_plate_nesting=self.max_plate_nesting, strict_enumeration_warning=False)
-            from pyro.infer.traceenum_elbo import _compute_dice_elbo
+            from .objectives import dice_elbo  # (Pyro's, its expectation taken without host reads)
 
             (model_trace, guide_trace), = estimator._get_traces(model, guide, (), kwargs)
             self.estimator = "traceenum"
-            return _compute_dice_elbo(model_trace, guide_trace)
+            return dice_elbo(model_trace, guide_trace)
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, (), kwargs)
         _refuse_unguided(model_trace, guide_trace)
         latents = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
@@ -289,9 +289,13 @@ def check_subsample(guide_trace, kwargs) -> None:
     if site is None or not site_is_subsample(site) or "x" not in kwargs:
         return
     batch = kwargs["x"].shape[0]
+    # a semi-supervised call: the first len(y) images are labelled, in a plate of their own
+    labelled = kwargs["y"].shape[0] if "num_labelled" in kwargs and kwargs.get("y") is not None else 0
     wanted = kwargs.get("index")
     if wanted is None:
-        wanted = torch.arange(batch, device=kwargs["x"].device)
+        wanted = torch.arange(batch - labelled, device=kwargs["x"].device)
+    else:
+        wanted = wanted[labelled:]
     value = site["value"]
     if value.shape != wanted.shape or not torch.equal(value.to(wanted.device), wanted):
         raise ScoringError(

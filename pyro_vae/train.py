@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, networks, rng
 from .callbacks import Callbacks
 from .config import DataConfig, ModelConfig, ProgramRecord, RunConfig, TrainConfig
-from .data import ImageData, TrainingSet, load_data, test_set
-from .evaluate import Estimate, elbo_terms
+from .data import UNLABELLED, ImageData, TrainingSet, choose_labelled, hide_labels, load_data, test_set
+from .evaluate import Estimate, accuracy, elbo_terms
 from .objectives import build_elbo, kl_weight, training_program
 from .protocol import ProgramCall
-from .runs import (CONFIG_NAME, LOCK_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError, RunWriteError,
-                   append_jsonl, build_program, config_from, load_weights, repair_metrics, resolve_device, run_lock,
-                   versions, write_json)
+from .runs import (CONFIG_NAME, LABELLED_NAME, LOCK_NAME, METRICS_NAME, VERSIONS_NAME, Run, RunDirError,
+                   RunWriteError, append_jsonl, build_program, config_from, load_weights, repair_metrics,
+                   resolve_device, run_lock, versions, write_json)
 from .steps import NonFiniteError, build_engine, check_learned_tensors, keep_freed_memory, learning_rate
 
 EVAL_SEED = 12345  # the fixed noise of every per-epoch evaluation
@@ -274,8 +274,8 @@ class _Training:
             initialize(self.training_set.data.images if self.training_set.dynamic else self.training_set.images(0))
         self.n = len(self.training_set)
         self.model, self.guide = training_program(program, cfg.objective)
-        first_batch = self.batch_of(self.training_set.images(0), self.training_set.labels,
-                                    slice(0, cfg.batch_size), 1.0)
+        first = self.order(0)[: cfg.batch_size] if self.call.semi_supervised else slice(0, cfg.batch_size)
+        first_batch = self.batch_of(self.training_set.images(0), self.training_set.labels, first, 1.0)
         # One call shows which tensors Pyro sees, and creates the parameters a program makes on
         # its first call (Pyro's autoguides): before the optimiser is built and before a
         # checkpoint's weights are loaded. It also reads the program's plate depth.
@@ -286,10 +286,13 @@ class _Training:
         """The training set and the test images on the device; the test images checked."""
         cfg, device = self.cfg, self.device
         binary = bool(getattr(program, "binary_data", False))
+        self.labelled = None  # the positions of the images whose labels --labels N keeps
         if isinstance(data, DataConfig):
             train_data = load_data(data, "train", device)
             self.test_data = test_set(load_data(data, "test", device), binary)
             binarize = data.binarize if binary else None
+            if data.labels is not None:
+                train_data = self._keep_labels(train_data, data.labels)
         else:
             train_data = _as_image_data(data, "data").to(device)
             self.test_data = _as_image_data(test, "test").to(device) if test is not None else None
@@ -300,15 +303,57 @@ class _Training:
             )
         self.train_data = train_data
         self.training_set = TrainingSet(train_data, binarize, cfg.seed)
+        self._check_labels(program, data)
         self.check_data = getattr(program, "check_data", None)
         if self.check_data is not None and self.test_data is not None:
             self.check_data(self.test_data.images, "the test images")
 
+    def _keep_labels(self, train_data: ImageData, count: int) -> ImageData:
+        """The training images with the labels of ``count`` of them kept, the rest hidden
+        (:data:`~pyro_vae.data.UNLABELLED`): the images the run's checkpoint recorded when it
+        resumes, else a balanced choice by the run's seed (:func:`~pyro_vae.data.choose_labelled`)."""
+        recorded = None if self.state is None else self.state.get("labelled")
+        if recorded is not None:
+            self.labelled = torch.as_tensor(recorded, dtype=torch.long)
+        else:
+            if train_data.labels is None:
+                raise ValueError("--labels N keeps the labels of N training images, and this data set has no labels")
+            self.labelled = choose_labelled(train_data.labels, count, self.cfg.seed)
+        return hide_labels(train_data, self.labelled)
+
+    def _check_labels(self, program, data) -> None:
+        """Refuse labels that the program cannot be given: hidden ones for a conditional
+        program (it needs every label), ``--labels N`` for a program that takes none."""
+        labels, name = self.training_set.labels, type(program).__name__
+        hidden = labels is not None and bool((labels == UNLABELLED).any())
+        if hidden and self.call.takes["y"]:
+            raise ValueError(f"{name} is conditional on every image's label (its model takes y), and some labels of "
+                             "the training set are hidden (--labels N); train it with all labels")
+        if isinstance(data, DataConfig) and data.labels is not None and not self.call.semi_supervised:
+            raise ValueError(f"--labels N hides labels from a semi-supervised program; {name} is not one (its model "
+                             "and guide take no num_labelled): leave out --labels, or train --model m2")
+        if self.call.semi_supervised and self.group is not None:
+            raise ValueError(f"{name} is semi-supervised: its minibatches of labelled and unlabelled images are not "
+                             "shared out between processes yet; train it in one process")
+        self.num_labelled = self.training_set.parts()[0].numel() if self.call.semi_supervised else 0
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The positions of the images in the epoch's minibatch order."""
+        if self.call.semi_supervised:
+            return self.training_set.mixed_order(epoch, self.cfg.batch_size)
+        return self.training_set.permutation(epoch)
+
     def batch_of(self, images, labels, idx, weight) -> dict:
-        """The keyword arguments of the program's call on the images ``idx`` at KL weight ``weight``."""
+        """The keyword arguments of the program's call on the images ``idx`` at KL weight ``weight``
+        (a semi-supervised program's: the labels of the first images, labelled, only)."""
         index = idx if isinstance(idx, torch.Tensor) else torch.arange(self.n, device=self.device)[idx]
-        tensors = {"x": images[idx], "y": None if labels is None else labels[idx], "index": index}
-        return self.call.kwargs(tensors, num_data=self.n, kl_weight=weight)
+        y = None if labels is None else labels[idx]
+        if not self.call.semi_supervised:
+            return self.call.kwargs({"x": images[idx], "y": y, "index": index}, num_data=self.n, kl_weight=weight)
+        known = self.training_set.labelled_per_batch(self.cfg.batch_size)
+        y = y[:known] if known else None  # (the order puts the labelled images first, labelled_per_batch of them)
+        return self.call.kwargs({"x": images[idx], "y": y, "index": index}, num_data=self.n,
+                                num_labelled=self.num_labelled, kl_weight=weight)
 
     def restore(self) -> None:
         """A resumed run's weights, noise streams and folder as its checkpoint left them; every
@@ -326,7 +371,7 @@ class _Training:
         if self.group is not None:
             self.group.broadcast_module_(self.program)  # identical starting points, whatever each rank built
             _rank_streams(self.group, self.cfg.seed, state, self.log)
-        self.num_steps = math.ceil(self.n / self.cfg.batch_size)
+        self.num_steps = self.training_set.num_steps(self.cfg.batch_size, self.call.semi_supervised)
 
     def finished(self) -> bool:
         """Whether the resumed run has trained all its epochs already (then it says so)."""
@@ -373,6 +418,8 @@ class _Training:
             try:
                 write_json(run_dir / CONFIG_NAME, config.to_dict())
                 write_json(run_dir / VERSIONS_NAME, versions(self.device))
+                if self.labelled is not None:
+                    checkpoint.atomic_write(run_dir / LABELLED_NAME, labelled_record(self.labelled, self.cfg.seed))
                 checkpoint.atomic_write(run_dir / METRICS_NAME, b"")
             except OSError as err:
                 raise RunDirError(f"cannot write the new run's files into {run_dir}: {err.strerror or err}; "
@@ -412,6 +459,8 @@ class _Training:
         payload = {"config": self.config.to_dict(), "epoch": position["epoch"], "position": position,
                    "model": self.program.state_dict(), "optim": self.engine.state_dict(), "rng": rng.get_state(),
                    "image_shape": list(self.train_data.image_shape), "num_data": self.n}
+        if self.labelled is not None:  # the images whose labels the run keeps, restored on resume
+            payload["labelled"] = self.labelled
         if self.device.type == "cpu":  # the form its values were computed with, for an exact resume
             payload["softplus"] = networks.cpu_softplus_form()
         if streams is not None:  # every rank's noise stream, for an exact resume at the same world size
@@ -430,7 +479,7 @@ class _Training:
         self.seconds = start["seconds"] if first else 0.0
         self.t0 = time.perf_counter()
         images, labels = self.training_set.images(epoch), self.training_set.labels
-        perm = self.training_set.permutation(epoch)
+        perm = self.order(epoch)
         if self.check_data is not None and epoch == start["epoch"]:
             # once: images used as they are stay the same tensor, and every later epoch's
             # dynamic binarisation is binary by construction
@@ -593,9 +642,12 @@ def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg, num_da
 
     ``num_data``: the size of the data set ``images`` open (the training set, of which
     the first images are scored); they are its first positions for a program that
-    takes ``index`` (parameters per data point, which test images do not have)."""
+    takes ``index`` (parameters per data point, which test images do not have).
+
+    A program that classifies (the ``predict_class`` view) has its ``accuracy`` reported
+    too, where every image of ``images`` has a known label."""
     call = ProgramCall(program)
-    labels = labels if call.takes["y"] else None
+    known, labels = labels, labels if call.takes["y"] else None
     index = torch.arange(images.shape[0], device=images.device) if call.takes["index"] else None
     # the images were checked when training started; Pyro's validation would check them again at every batch
     validate = is_validation_enabled() and getattr(program, "check_data", None) is None
@@ -604,7 +656,18 @@ def epoch_metrics(program, split: str, images: torch.Tensor, labels, cfg, num_da
                            num_data=num_data, index=index)
     if getattr(program, "point_estimate", False):
         terms = {"log_lik": terms["log_lik"]}
-    return {f"{split}_{k}": Estimate.of(v).mean for k, v in terms.items()}
+    out = {f"{split}_{k}": Estimate.of(v).mean for k, v in terms.items()}
+    classifies = getattr(program, "predict_class", None) is not None
+    if classifies and known is not None and bool((known != UNLABELLED).all()):
+        out[f"{split}_accuracy"] = accuracy(program, images, known, cfg.eval_batch_size).mean
+    return out
+
+
+def labelled_record(positions: torch.Tensor, seed: int) -> bytes:
+    """``labelled.json``: how many labels the run keeps, its seed, and the images' positions
+    in the training set (one line; the checkpoint holds the same positions for a resume)."""
+    return (json.dumps({"labels": len(positions), "seed": seed}, indent=2)[:-2]
+            + f',\n  "positions": {json.dumps(positions.tolist())}\n}}\n').encode()
 
 
 def _epoch_line(record: dict, cfg, program) -> str:
@@ -618,6 +681,8 @@ def _epoch_line(record: dict, cfg, program) -> str:
         if f"{split}_kl" in record:
             parts[-1] += f", kl {record[f'{split}_kl']:7.3f}"
         parts[-1] += ")"
+    if "test_accuracy" in record:  # (a program that classifies)
+        parts.append(f"test accuracy {record['test_accuracy']:.4f}")
     if not getattr(program, "point_estimate", False):  # what the steps maximised, on the training minibatches
         parts.append(f"train {cfg.objective} ({cfg.estimator}, K={cfg.num_particles}) {record['train_objective']:9.3f}"
                      + (f" at kl weight {record['kl_weight']:.3g}" if record["kl_weight"] != 1.0 else ""))

@@ -20,6 +20,8 @@ view                   what it returns                                        us
                        pixels, ``(num, B, *image_shape)``; with
                        ``hidden_mask`` and ``predict(x)`` (a baseline's
                        guess, or None)
+``num_classes``        the number of classes of a label y                     analogies
+``predict_class(x)``   the predicted class of each image, ``(B,)``            accuracy
 =====================  =====================================================  ==========================
 
 What a program lacks is skipped, with a one-line reason (:func:`missing`). A conditional
@@ -43,6 +45,8 @@ VIEWS = {
     "sample_prior": "draws of z from the prior",
     "local_family": "a per-image parametric guide family (pyro_vae.posterior.LocalFamily)",
     "complete": "completions of images from their shown pixels (quadrant completion)",
+    "num_classes": "the number of classes of its label y",
+    "predict_class": "a predicted class of each image",
 }
 
 

@@ -419,3 +419,35 @@ def test_compare_checkouts_smoke(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--before",
                           str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 1 and "is not a checkout of pyro_vae" in bad.stderr
+
+
+@pytest.mark.slow
+def test_m2_vs_pyro_script_smoke(tmp_path, data_dir):
+    """pyro_vae's M2 and Pyro's ss_vae_M2.py (imported from the peers' folder) each train two tiny
+    epochs; the report has both times and our accuracy (no timing is asserted)."""
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "m2_vs_pyro.py"), "--smoke", "--runs",
+                           str(tmp_path / "runs"), "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"m2_vs_pyro.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+    assert report["labels"] == 100 and len(report["pyro_vae_seconds"]) == len(report["pyro_seconds"]) == 1
+    assert report["pyro_vae_seconds"][0] > 0 and report["pyro_seconds"][0] > 0
+    assert 0 <= report["pyro_vae_test_accuracy_after_two_epochs"] <= 1
+
+
+@pytest.mark.slow
+def test_m2_table_script_smoke_trains_resumes_and_tables(tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
+    script = [sys.executable, str(REPO / "experiments" / "m2_table.py"), "--runs", str(tmp_path / "runs")]
+    proc = subprocess.run(script + ["--smoke", "--json", str(tmp_path / "table.json")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"m2_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [row] = json.loads((tmp_path / "table.json").read_text())
+    assert row["labels"] == 100 and row["label_sets"] == 1 and row["epochs"] == [1]
+    assert 0 <= row["accuracy"] <= 1 and row["tutorial"] == [0.9319, 0.006]
+    assert json.loads((tmp_path / "runs" / "m2-100-s0" / "labelled.json").read_text())["labels"] == 100
+    again = subprocess.run(script + ["--table-only", "--labels", "100", "600", "--seeds", "0"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "| 600 | 0 | - | not yet measured |" in again.stdout

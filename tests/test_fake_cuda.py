@@ -87,6 +87,12 @@ def test_a_training_forward_pass_stays_on_the_device_and_reads_nothing_back(mode
                 if not reads:
                     raise
                 pytest.skip(f"{estimator} reads values back to the host, which fake tensors do not have: {reads}")
+            except RuntimeError as err:
+                if "ProvenanceTensor" not in str(err):
+                    raise
+                # (a program with a class drawn in the guide, m2 without enumeration)
+                pytest.skip(f"{estimator} tracks where draws without rsample go through a tensor subclass of "
+                            "Pyro's, ProvenanceTensor, which cannot wrap a fake tensor")
         else:
             pytest.skip(f"{estimator} does not apply to {model}: {refused}")
     assert loss.device.type == "cuda" and loss.shape == ()

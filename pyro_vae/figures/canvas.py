@@ -69,6 +69,7 @@ FIGSIZE = {  # inches; pixel size = FIGSIZE * DPI
     "kl-profile": (12.0, 5.0),
     "posterior": (3.6, 4.0),  # per panel (one test image each)
     "completion": (8.0, 0.72),  # per row of images (10 images a row), and 0.9 more for the two lines of title
+    "analogies": (7.0, 5.6),
 }
 PAD_VALUE = 1.0  # white lines between the images of a grid: they stand out from grey images and black backgrounds
 

@@ -133,6 +133,14 @@ def _draw_curves(program, test, metrics, path, opt: _Options) -> Path:
     return curves_figure(metrics, path, density=density, pdf=opt.pdf)
 
 
+@needs("num_classes", "image_shape", "posterior_mean", "decode", family_only=True)
+def _draw_analogies(program, test, metrics, path, opt: _Options) -> Path:
+    from .analogies import analogies_figure
+
+    return analogies_figure(program, test.images, test.labels, path, seed=opt.seed, classes=test.classes,
+                            pdf=opt.pdf)
+
+
 @needs("z_dim", "local_family", check=_two_dimensional, in_all=False)
 def _draw_posterior(program, test, metrics, path, opt: _Options) -> Path:
     return posterior_figure(program, test.images, path, seed=opt.seed, pdf=opt.pdf, log=opt.log, labels=test.labels)

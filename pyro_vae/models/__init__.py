@@ -14,7 +14,7 @@ import torch
 
 from ..catalog import MODELS
 from ..protocol import ProgramCall, data_plate  # noqa: F401  (re-exported from their old home)
-from . import ae, cvae, iaf, vae, vae2  # noqa: F401  (the built-in families, declared in pyro_vae.catalog)
+from . import ae, cvae, iaf, m2, vae, vae2  # noqa: F401  (the built-in families, declared in pyro_vae.catalog)
 
 
 def build_model(config, image_shape: Sequence[int]) -> torch.nn.Module:
