@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -451,3 +452,16 @@ def test_m2_table_script_smoke_trains_resumes_and_tables(tmp_path, data_dir):
     again = subprocess.run(script + ["--table-only", "--labels", "100", "600", "--seeds", "0"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "| 600 | 0 | - | not yet measured |" in again.stdout
+
+
+def test_startup_script_stops_train_at_its_first_step_and_leaves_no_run(tmp_path, data_dir):
+    env = dict(os.environ, PYRO_VAE_DATA=str(data_dir))
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "startup.py"), "--repeats", "1",
+                           "--train-limit", "200", "--test-limit", "50"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = proc.stdout.splitlines()
+    torch_pyro, to_first_step, dynamo, own = (float(n) for n in re.findall(r"-?\d+\.\d+", line))
+    assert torch_pyro > 0 and to_first_step > 0 and dynamo > 0
+    assert own == pytest.approx(to_first_step - dynamo, abs=0.011)  # (each printed to 0.01 s)
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
