@@ -50,7 +50,6 @@ from typing import Sequence
 
 import pyro
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from .. import checkpoint
@@ -58,7 +57,7 @@ from ..distributions import DiagonalNormal
 from ..likelihoods import build_likelihood
 from ..networks import MLPDecoder, MLPEncoder, mlp
 from ..protocol import LocalFamily, data_plate
-from .vae import kl_scaled
+from .vae import flat_images, kl_scaled
 
 QUADRANTS = {1: "the bottom-left quadrant", 2: "the left half", 3: "all but the bottom-right quadrant"}
 
@@ -139,17 +138,7 @@ class _QuadrantSplit(nn.Module):
             pyro.module("likelihood", self.likelihood)
 
     def _flatten(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        shape = tuple(x.shape)
-        if shape[1:] == self.image_shape or (x.dim() == 2 and shape[1] == self.x_dim):
-            x = x.reshape(shape[0], self.x_dim)
-        else:
-            raise ValueError(f"x has shape {shape}; expected (batch, {', '.join(map(str, self.image_shape))}) "
-                             f"or (batch, {self.x_dim})")
-        if check and is_validation_enabled():
-            self.likelihood.check_data(x, "x")
-        return x
+        return flat_images(self, x, check)
 
 
 class CompletionBaseline(_QuadrantSplit):

@@ -184,19 +184,23 @@ class VAE(nn.Module):
         return pyro.plate("data", size=int(batch_size))
 
     def _flatten(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        shape = tuple(x.shape)
-        if shape[1:] == self.image_shape or (x.dim() == 2 and shape[1] == self.x_dim):
-            x = x.reshape(shape[0], self.x_dim)
-        else:
-            raise ValueError(
-                f"x has shape {shape}; expected (batch, {', '.join(map(str, self.image_shape))}) "
-                f"or (batch, {self.x_dim})"
-            )
-        if check and is_validation_enabled():
-            self.likelihood.check_data(x, "x")
-        return x
+        return flat_images(self, x, check)
+
+
+def flat_images(program, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``x`` as ``(batch, x_dim)``, from ``(batch, *image_shape)`` or already flat, checked by
+    ``program.likelihood`` when Pyro's validation is on (``check``); a clear error otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if shape[1:] == program.image_shape or (x.dim() == 2 and shape[1] == program.x_dim):
+        x = x.reshape(shape[0], program.x_dim)
+    else:
+        raise ValueError(f"x has shape {shape}; expected (batch, {', '.join(map(str, program.image_shape))}) "
+                         f"or (batch, {program.x_dim})")
+    if check and is_validation_enabled():
+        program.likelihood.check_data(x, "x")
+    return x
 
 
 def kl_scaled(kl_weight: float):
