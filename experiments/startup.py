@@ -1,13 +1,18 @@
-"""How long `pyro-vae train` takes to reach its first step, beyond importing torch and pyro.
+"""How long `pyro-vae train` and `pyro-vae evaluate` take to reach their first step,
+beyond importing torch and pyro.
 
     python experiments/startup.py [--repeats 3] [train flags ...]
 
-Runs, in this process, the `train` command with the flags given (default: the default
-configuration into a temporary folder), stops it at the start of its first epoch, and
-prints the seconds spent importing torch and pyro and then reaching the first step, and
-how much of the latter is torch's own import of torch._dynamo (its optimisers' first
-`add_param_group` imports it). Each repeat is a fresh process. The folder of the stopped
-run is removed by train itself (a run stopped before its first checkpoint leaves none).
+Runs, in a fresh process per repeat, the `train` command with the flags given (default:
+the default configuration into a temporary folder) and stops it at the start of its first
+epoch; then `evaluate` on a small run trained first (its start-up does not depend on the
+run's size: it loads the run and the test set) and stops it where the importance sampling
+of the first images begins. Prints, per command, the seconds spent importing torch and
+pyro and then reaching the first step, and how much of the latter is torch's own import of
+torch._dynamo (its optimisers' first `add_param_group` imports it, so for `train` it is
+imported first and timed apart; `evaluate` builds no optimiser and pays none). The folder of the stopped training is removed by train itself (a
+run stopped before its first checkpoint leaves none); the small run lives in a temporary
+folder.
 """
 
 import argparse
@@ -15,39 +20,44 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = """
 import sys, time
 t0 = time.perf_counter()
 import torch, pyro  # noqa: F401
 t1 = time.perf_counter()
+if sys.argv[1] == "train":  # what its optimiser would import, timed apart
+    import torch._dynamo  # noqa: F401
+t2 = time.perf_counter()
+import pyro_vae.evaluate as evaluate_module
 import pyro_vae.train as train_module
 reached = {}
-def first_epoch(self, epoch):
+def first_step(*args, **kwargs):
     reached["t"] = time.perf_counter()
     raise SystemExit(0)
-train_module._Training.run_epoch = first_epoch
+train_module._Training.run_epoch = first_step
+evaluate_module.evaluate_model = first_step
 from pyro_vae.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit:
     pass
-print(json.dumps({"torch_pyro": t1 - t0, "to_first_step": reached["t"] - t1}))
-"""
-
-DYNAMO = """
-import time, json, torch, pyro  # noqa: F401
-t = time.perf_counter()
-import torch._dynamo  # noqa: F401
-print(json.dumps({"dynamo": time.perf_counter() - t}))
+print(json.dumps({"torch_pyro": t1 - t0, "dynamo": t2 - t1, "own": reached["t"] - t2,
+                  "dynamo_imported": "torch._dynamo" in sys.modules}))
 """
 
 
-def child(code: str, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code, *args], capture_output=True, text=True,
+def child(args) -> dict:
+    out = subprocess.run([sys.executable, "-c", "import json\n" + CHILD, *args], capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def report(command: str, start: dict) -> str:
+    dynamo = f"{start['dynamo']:.2f} s" if start["dynamo_imported"] else "0 s (not imported)"
+    return (f"{command}: torch + pyro {start['torch_pyro']:.2f} s; then to the first step "
+            f"{start['dynamo'] + start['own']:.2f} s: torch's import of torch._dynamo {dynamo}, "
+            f"pyro_vae's own {start['own']:.2f} s")
 
 
 def main() -> None:
@@ -55,13 +65,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     known, train_flags = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as folder:
-        args = ["train", "--out", f"{folder}/run", "--no-progress", *train_flags]
+        small = f"{folder}/small"
+        subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--epochs", "1", "--train-limit", "500",
+                        "--test-limit", "100", "--no-progress", "--out", small], check=True, capture_output=True)
+        commands = {"train": ["train", "--out", f"{folder}/run", "--no-progress", *train_flags],
+                    "evaluate": ["evaluate", small]}
         for _ in range(known.repeats):
-            start = child(CHILD, args)
-            dynamo = child(DYNAMO, [])["dynamo"]
-            print(f"torch + pyro {start['torch_pyro']:.2f} s; then to the first step {start['to_first_step']:.2f} s, "
-                  f"of which torch._dynamo's import (alone) {dynamo:.2f} s: pyro_vae's own "
-                  f"{start['to_first_step'] - dynamo:.2f} s")
+            for command, args in commands.items():
+                print(report(command, child(args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from pyro_vae.data import (
     DatasetNotFoundError,
     ImageData,
     TrainingSet,
+    binarize,
     binary_test_set,
     check_images,
+    epoch_seed,
     load_split,
     resolve_data_dir,
 )
@@ -85,6 +87,24 @@ def test_dynamic_binarization_is_fresh_each_epoch_and_reproducible():
     assert ((mean - ts.data.images).abs() <= 4 * se + 1e-6).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_binarize_draws_what_torch_bernoulli_draws_bit_for_bit(dtype, layout):
+    """The quicker CPU form (uniforms compared with the images) keeps the draws of
+    ``torch.bernoulli`` with the same seed, so runs and their documented numbers stay put;
+    pixels at exactly 0 and 1 included."""
+    images = torch.rand(300, 1, 6, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    images[:3], images[3:6] = 0.0, 1.0
+    if layout == "transposed":
+        images = images.transpose(2, 3)
+    for seed in (0, 17, epoch_seed(3, 1, 0)):
+        expected = torch.bernoulli(images, generator=torch.Generator().manual_seed(seed))
+        drawn = binarize(images, seed)
+        assert drawn.dtype == dtype and drawn.shape == images.shape
+        assert torch.equal(drawn, expected), (dtype, layout, seed)
+    assert drawn[:3].eq(0).all() and drawn[3:6].eq(1).all()
+
+
 def test_fixed_binarization_is_the_same_every_epoch_and_run():
     a, b = TrainingSet(grey(), "fixed", seed=3), TrainingSet(grey(), "fixed", seed=9)
     assert torch.equal(a.images(0), a.images(5)) and torch.equal(a.images(0), b.images(0))
@@ -103,11 +123,21 @@ def test_test_set_binarized_once_with_fixed_seed():
     assert set(a.images.unique().tolist()) == {0.0, 1.0}
 
 
+def with_value(n, c, h, w, value):
+    images = torch.full((2, 1, 4, 4), 0.5)
+    images[n, c, h, w] = value
+    return images
+
+
 @pytest.mark.parametrize(
     "images, message",
     [
         (torch.full((2, 1, 4, 4), 1.5), r"must lie in \[0, 1\]"),
         (torch.full((2, 1, 4, 4), float("nan")), "NaN"),
+        # one bad value among good ones, first or last, is found (by the extremes' one pass)
+        (with_value(1, 0, 2, 2, float("nan")), "NaN or inf"),
+        (with_value(0, 0, 0, 0, float("inf")), "NaN or inf"),
+        (with_value(1, 0, 3, 3, -float("inf")), "NaN or inf"),
         (torch.zeros(0, 1, 4, 4), "empty"),
         (torch.zeros(2, 16), r"shape \(N, C, H, W\)"),
     ],
