@@ -1,7 +1,9 @@
-"""``pyro-vae`` with one injected fault, for torchrun's restart tests (tests/test_elastic.py).
+"""``pyro-vae`` with injected faults, for torchrun's restart tests (tests/test_elastic.py).
 
-Run as torchrun's script: ``torchrun ... tests/elastic_worker.py train ...``. The fault,
-in ``$PYRO_VAE_TEST_FAULT``, strikes only on torchrun's first attempt (restart count 0):
+Run as torchrun's script: ``torchrun ... tests/elastic_worker.py train ...``. The faults,
+in ``$PYRO_VAE_TEST_FAULT`` separated by ``;``, strike one per attempt: the first on
+torchrun's first attempt (restart count 0), the second on its first restart, and so on
+(steps and checkpoints are counted from the attempt's start):
 
 * ``kill-at-step:RANK:N``: rank RANK kills itself with SIGKILL just before its N-th step;
 * ``kill-in-checkpoint:N``: rank 0 kills itself halfway through writing its N-th
@@ -60,8 +62,9 @@ def kill_in_checkpoint(n: int) -> None:
 
 
 if __name__ == "__main__":
-    fault = os.environ.get("PYRO_VAE_TEST_FAULT", "")
-    if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        kind, *numbers = fault.split(":")
+    faults = [f for f in os.environ.get("PYRO_VAE_TEST_FAULT", "").split(";") if f]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt < len(faults):
+        kind, *numbers = faults[attempt].split(":")
         {"kill-at-step": kill_at_step, "kill-in-checkpoint": kill_in_checkpoint}[kind](*map(int, numbers))
     sys.exit(main(sys.argv[1:]))

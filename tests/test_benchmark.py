@@ -9,13 +9,15 @@ import pytest
 
 from conftest import REPO
 
+from scripts import run_script
+
 pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
 
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path, data_dir):
     env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
-    subprocess.run([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--smoke", "--out", str(tmp_path)],
+    run_script([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--smoke", "--out", str(tmp_path)],
                    check=True, env=env, capture_output=True, text=True)
     report = json.loads((tmp_path / "benchmark-smoke.json").read_text())
     (row,) = report["throughput"]
@@ -66,7 +68,7 @@ def test_reference_loss_is_the_same_estimator(exp_log):
 
 
 def test_profile_step_smoke():
-    res = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
+    res = run_script([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
                           "--steps", "2", "--rounds", "1"], check=True, capture_output=True, text=True)
     lines = res.stdout.splitlines()
     assert lines[0].startswith("batch 16")
@@ -75,7 +77,7 @@ def test_profile_step_smoke():
 
 
 def test_profile_step_jit_smoke():
-    res = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
+    res = run_script([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
                           "--steps", "2", "--rounds", "1", "--jit"], check=True, capture_output=True, text=True)
     names = [line.split("  ")[0].strip() for line in res.stdout.splitlines()[2:]]
     assert names == ["reference", "ours, JitTrace_ELBO"]
@@ -109,7 +111,7 @@ def test_the_handwritten_importance_loops_compute_pyro_vaes_bound_on_the_same_no
 @pytest.mark.slow
 def test_whole_process_comparison_smoke(tmp_path, data_dir):
     env = {**os.environ, "PYRO_VAE_DATA": str(data_dir)}
-    subprocess.run([sys.executable, str(REPO / "experiments" / "whole_process.py"), "--epochs", "1", "--repeats", "1",
+    run_script([sys.executable, str(REPO / "experiments" / "whole_process.py"), "--epochs", "1", "--repeats", "1",
                     "--limit", "1000", "--out", str(tmp_path)], check=True, env=env, capture_output=True, text=True)
     report = json.loads((tmp_path / "whole-process.json").read_text())
     for side in ("pyro-vae train", "hand-written"):

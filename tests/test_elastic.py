@@ -175,35 +175,32 @@ def assert_same_run(run: Path, reference: Path) -> None:
 TORCHRUN = [*TINY, "--train-limit", "1000", "--batch-size", "20", "--epochs", "3", "--checkpoint-every", "20"]
 
 
-def torchrun(run: Path, data_dir: Path, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYRO_VAE_DATA": str(data_dir), "PYRO_VAE_TEST_FAULT": fault}
+def torchrun(run: Path, data_dir: Path, faults: str = "", restarts: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYRO_VAE_DATA": str(data_dir), "PYRO_VAE_TEST_FAULT": faults}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "1", str(REPO / "tests" / "elastic_worker.py"), "train", *TORCHRUN,
+               "--max-restarts", str(restarts), str(REPO / "tests" / "elastic_worker.py"), "train", *TORCHRUN,
                "--out", str(run), "--resume-if-present"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("elastic") / "run"
-    done = torchrun(run, data_dir)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return run
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, resumed_from", [
-    ("kill-at-step:1:70", "after epoch 2, step 10"),  # rank 1 dies in epoch 2; the last checkpoint: step 60
-    ("kill-in-checkpoint:2", "after epoch 1, step 20"),  # rank 0 dies writing the step-40 checkpoint
-])
-def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrupted(
-        fault, resumed_from, tmp_path, data_dir, uninterrupted):
+def test_torchrun_restarts_killed_workers_and_the_run_finishes_as_if_uninterrupted(tmp_path, data_dir):
+    """Two faults in one job, one per attempt (50 steps an epoch, a checkpoint every 20):
+    rank 0 dies halfway through writing its second checkpoint (step 40), so the first
+    restart resumes from step 20; then rank 1 dies before its 50th step of that attempt
+    (global step 70, in epoch 2), so the second restart resumes from the step-60 checkpoint.
+    The job then finishes by itself, exactly as a job that was never interrupted."""
     run = tmp_path / "run"
-    done = torchrun(run, data_dir, fault)
+    done = torchrun(run, data_dir, "kill-in-checkpoint:2;kill-at-step:1:50", restarts=2)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
-    assert "exitcode: -9" in out  # the fault struck: a worker died by SIGKILL
-    assert f"resuming {run} {resumed_from} (of 3 epochs)" in out
+    assert out.count("exitcode: -9") == 2  # each fault struck: a worker died by SIGKILL, twice
+    first, second = (out.index(f"resuming {run} {where} (of 3 epochs)")
+                     for where in ("after epoch 1, step 20", "after epoch 2, step 10"))
+    assert first < second
     assert "Traceback" not in out
-    assert_same_run(run, uninterrupted)
     assert not checkpoint.stale_temporaries(run)  # the half-written temporary file was cleared
+    uninterrupted = tmp_path / "uninterrupted"
+    straight = torchrun(uninterrupted, data_dir)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert_same_run(run, uninterrupted)

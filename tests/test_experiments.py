@@ -1,4 +1,7 @@
-"""Every experiments/ script runs end to end in its smoke mode (a few hundred images, 1 epoch)."""
+"""Every experiments/ script runs end to end in its smoke mode (a few hundred images, 1 epoch).
+
+The scripts run in this process (tests/scripts.py: as `python script.py ...` would, without
+a fresh interpreter's seconds of imports); the processes they start are real."""
 
 import json
 import os
@@ -11,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts import run_script
+
 pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(name, tmp_path, data_dir):
+def run_smoke(name, tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     out = tmp_path / "figures"
-    proc = subprocess.run(
+    proc = run_script(
         [sys.executable, str(REPO / "experiments" / name), "--smoke", "--runs", str(tmp_path / "runs"),
          "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -34,7 +39,7 @@ def non_empty_pngs(folder):
 
 @pytest.mark.slow
 def test_figures_script_smoke(tmp_path, data_dir):
-    out, stdout = run_script("figures.py", tmp_path, data_dir)
+    out, stdout = run_smoke("figures.py", tmp_path, data_dir)
     assert non_empty_pngs(out) == sorted(
         ["comparison.png", "z2/latent.png", "z2/manifold.png"]
         + [f"z50/{k}.png" for k in ("latent", "samples", "reconstructions", "interpolation", "dims", "curves")]
@@ -45,7 +50,7 @@ def test_figures_script_smoke(tmp_path, data_dir):
 @pytest.mark.slow
 def test_checkpoint_cost_script_smoke(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "checkpoint_cost.py"), "--smoke", "--every", "5",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "checkpoint_cost.py"), "--smoke", "--every", "5",
                            "--json", str(tmp_path / "cost.json")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cost = json.loads((tmp_path / "cost.json").read_text())
@@ -56,7 +61,7 @@ def test_checkpoint_cost_script_smoke(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_posterior_collapse_script_smoke(tmp_path, data_dir):
-    out, stdout = run_script("posterior_collapse.py", tmp_path, data_dir)
+    out, stdout = run_smoke("posterior_collapse.py", tmp_path, data_dir)
     assert "kl-profile.png" in non_empty_pngs(out)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["run"] for s in summary] == ["beta-0.5", "beta-1", "beta-1-warmup-1", "beta-4", "kl-only"]
@@ -71,7 +76,7 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--smoke", "--runs", str(runs)]
-    proc = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
+    proc = run_script(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"iwae_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("$ pyro-vae train") == 2  # the commands are printed for the docs
@@ -87,12 +92,12 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     table = (runs / "table.md").read_text()
     assert table.count("\n") == 12 and table.count("not yet") == 8
     # a second call trains nothing (both rows are finished and evaluated) and prints the same table
-    again = subprocess.run(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
+    again = run_script(command + ["--rows", "1-vae-1", "2-iwae-5"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "$ pyro-vae train" not in again.stdout and table.strip() in again.stdout
     # the archive to commit: a finished row without its weights, an unfinished one with its checkpoint
     (runs / "1-vae-1" / "iwae-table.json").rename(runs / "1-vae-1" / "later.json")  # as if not yet evaluated
-    done = subprocess.run(command + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True, text=True,
+    done = run_script(command + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "copied into" in done.stdout and "1-vae-1 2-iwae-5" in done.stdout
     assert sorted(p.name for p in (tmp_path / "kept" / "1-vae-1").iterdir()) == [
@@ -102,7 +107,7 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
     # copied back into another runs folder (a new machine), the unfinished row resumes there
     moved = tmp_path / "new-machine"
     shutil.copytree(tmp_path / "kept", moved)
-    more = subprocess.run([*command[:-1], str(moved), "--rows", "1-vae-1", "--epochs", "2"], cwd=tmp_path, env=env,
+    more = run_script([*command[:-1], str(moved), "--rows", "1-vae-1", "--epochs", "2"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming" in more.stderr + more.stdout and "after epoch 1" in more.stderr + more.stdout
@@ -113,7 +118,7 @@ def test_iwae_table_script_smoke(tmp_path, data_dir):
 def test_distributed_bench_script_smoke(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir))
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "distributed_bench.py"), "--smoke", "--out",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "distributed_bench.py"), "--smoke", "--out",
                            str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"distributed_bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads((out / "distributed-bench.json").read_text())
@@ -142,7 +147,7 @@ def test_cvae_vs_pyro_script_smoke(tmp_path, data_dir):
     """One epoch of Pyro's CVAE example and of ours, timed side by side (tiny networks, 300 images)."""
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     out = tmp_path / "times.json"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "cvae_vs_pyro.py"), "--smoke", "--json",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "cvae_vs_pyro.py"), "--smoke", "--json",
                            str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"cvae_vs_pyro.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     times = json.loads(out.read_text())
@@ -163,7 +168,7 @@ def test_cvae_table_script_smoke(tmp_path, data_dir):
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "experiments" / "cvae_table.py"), "--smoke", "--runs", str(runs),
                "--quadrants", "1", "--json", str(tmp_path / "rows.json")]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"cvae_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("$ pyro-vae train") == 2  # the commands are printed for the docs
     rows = json.loads((tmp_path / "rows.json").read_text())["1"]
@@ -173,7 +178,7 @@ def test_cvae_table_script_smoke(tmp_path, data_dir):
     assert cvae["neg_log_px_is"] <= cvae["neg_elbo_is_images"] + 3 * cvae["is_gain_stderr"]
     table = (runs / "cvae-table.md").read_text()
     assert "(tutorial 71.8)" in table and "(tutorial 100.4)" in table and "IS K = 10" in table
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = run_script(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "has finished its 1 epoch" in again.stdout
     assert table.strip() in again.stdout
     stored = json.loads((runs / "cvae-q1" / "cvae-table.json").read_text())
@@ -182,7 +187,7 @@ def test_cvae_table_script_smoke(tmp_path, data_dir):
 
 def test_softplus_forms_script_smoke(tmp_path):
     out = tmp_path / "softplus.json"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "softplus_forms.py"), "--rounds", "1",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "softplus_forms.py"), "--rounds", "1",
                            "--calls", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -193,7 +198,7 @@ def test_softplus_forms_script_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_softplus_step_script_smoke():
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "softplus_step.py"), "--smoke"],
+    proc = run_script([sys.executable, str(REPO / "experiments" / "softplus_step.py"), "--smoke"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith("| tiny")]
@@ -204,7 +209,7 @@ def test_softplus_step_script_smoke():
 @pytest.mark.parametrize("form", ["torch", "exp-log"])
 def test_profile_is_script_smoke(form):
     args = ["--images", "4", "--samples", "40", "--rows", "200", "--softplus", form]
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "profile_is.py"), *args],
+    proc = run_script([sys.executable, str(REPO / "experiments" / "profile_is.py"), *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout or "aten::linear" in proc.stdout
@@ -261,7 +266,7 @@ def test_iwae_table_finds_and_resumes_the_committed_runs(tmp_path, data_dir):
     script = [sys.executable, str(REPO / "experiments" / "iwae_table.py")]
     table = tmp_path / "iwae-table"
     shutil.copytree(ARCHIVE / "100-epochs", table)
-    proc = subprocess.run(script + ["--runs", str(table), "--table-only"], env=env, capture_output=True, text=True,
+    proc = run_script(script + ["--runs", str(table), "--table-only"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in sorted(p.name for p in (ARCHIVE / "100-epochs").iterdir() if (p / "iwae-table.json").exists()):
@@ -271,7 +276,7 @@ def test_iwae_table_finds_and_resumes_the_committed_runs(tmp_path, data_dir):
     shutil.copytree(ARCHIVE / "3280-epochs", full)
     before = (full / "1-vae-1" / "metrics.jsonl").read_text().splitlines()
     epoch = json.loads(before[-1])["epoch"]
-    proc = subprocess.run(script + ["--runs", str(full), "--rows", "1-vae-1", "--epochs", str(epoch + 1),
+    proc = run_script(script + ["--runs", str(full), "--rows", "1-vae-1", "--epochs", str(epoch + 1),
                                     "--eval-samples", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {full / '1-vae-1'} after epoch {epoch + 1}, step " in proc.stderr + proc.stdout
@@ -281,7 +286,7 @@ def test_iwae_table_finds_and_resumes_the_committed_runs(tmp_path, data_dir):
 
 @pytest.mark.parametrize("mode", [["--table-only"], ["--archive", "kept"]])
 def test_iwae_table_refuses_a_runs_folder_that_is_not_there(tmp_path, mode):
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs",
                            str(tmp_path / "typo"), *mode], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"--runs {tmp_path / 'typo'} is not a folder: give the folder that holds the rows' runs" in proc.stderr
@@ -305,7 +310,7 @@ def test_iwae_table_archive_leaves_out_a_row_that_is_training(tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
+        proc = run_script([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
                                "--archive", str(kept)], capture_output=True, text=True, timeout=300)
     finally:
         holder.communicate("", timeout=60)
@@ -314,7 +319,7 @@ def test_iwae_table_archive_leaves_out_a_row_that_is_training(tmp_path):
     assert f"1-vae-1 is training (another process holds {runs / '1-vae-1'}): not copied" in proc.stderr
     assert (kept / "1-vae-1" / "checkpoint.pt").read_text() == "1-vae-1 before"
     assert (kept / "2-vae-1" / "checkpoint.pt").read_text() == "2-vae-1 now"
-    again = subprocess.run([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
+    again = run_script([sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--runs", str(runs),
                             "--archive", str(kept)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and (kept / "1-vae-1" / "checkpoint.pt").read_text() == "1-vae-1 now"
 
@@ -340,7 +345,7 @@ def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
     other = _fake_run(tmp_path / "other", [v - 0.5 for v in elbos[:4]], evaluated=(99.0, 0.3))  # another run
     script = [sys.executable, str(REPO / "experiments" / "schedule_curve.py"), str(run)]
     out = tmp_path / "curve.png"
-    proc = subprocess.run(script + ["--evaluated", str(at13), str(at4), "--paper", "90", "--out", str(out)],
+    proc = run_script(script + ["--evaluated", str(at13), str(at4), "--paper", "90", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -350,14 +355,14 @@ def test_schedule_curve_draws_a_run_and_refuses_snapshots_of_another(tmp_path):
 
     metrics, results = curve_points(run, [at13, at4])
     assert [m["epoch"] for m in metrics] == list(range(1, 14)) and [r["epochs"] for r in results] == [4, 13]
-    bad = subprocess.run(script + ["--evaluated", str(other), "--out", str(tmp_path / "bad.png")],
+    bad = run_script(script + ["--evaluated", str(other), "--out", str(tmp_path / "bad.png")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
     assert f"{other} is not a copy of {run} at epoch 4" in bad.stderr
-    unevaluated = subprocess.run(script + ["--evaluated", str(run), "--out", str(tmp_path / "bad.png")],
+    unevaluated = run_script(script + ["--evaluated", str(run), "--out", str(tmp_path / "bad.png")],
                                  capture_output=True, text=True, timeout=300)
     assert unevaluated.returncode == 2 and "has no iwae-table.json: evaluate the snapshot first" in unevaluated.stderr
-    typo = subprocess.run([sys.executable, str(REPO / "experiments" / "schedule_curve.py"), str(tmp_path / "rnu"),
+    typo = run_script([sys.executable, str(REPO / "experiments" / "schedule_curve.py"), str(tmp_path / "rnu"),
                            "--out", str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
     assert typo.returncode == 2 and "Traceback" not in typo.stderr and not (tmp_path / "bad.png").exists()
     assert f"{tmp_path / 'rnu'} has no metrics.jsonl: give a run folder" in typo.stderr
@@ -371,7 +376,7 @@ def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
     runs = tmp_path / "runs"
     command = [sys.executable, str(REPO / "experiments" / "iwae_table.py"), "--smoke", "--runs", str(runs),
                "--rows", "1-vae-1", "--epochs", "3"]
-    proc = subprocess.run(command + ["--evaluate-at", "2", "1"], cwd=tmp_path, env=env, capture_output=True,
+    proc = run_script(command + ["--evaluate-at", "2", "1"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     run = [json.loads(line) for line in (runs / "1-vae-1" / "metrics.jsonl").read_text().splitlines()]
@@ -385,39 +390,39 @@ def test_iwae_table_evaluates_a_long_row_on_the_way(tmp_path, data_dir):
     assert not list(runs.glob("at-*/*.partial"))
     # one run trained straight to 3 epochs: the same numbers (stopping at 1 and 2 changed nothing)
     straight = tmp_path / "straight"
-    again = subprocess.run([*command[:4], str(straight), *command[5:]], cwd=tmp_path, env=env, capture_output=True,
+    again = run_script([*command[:4], str(straight), *command[5:]], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [json.loads(line)["test_elbo"] for line in (straight / "1-vae-1" / "metrics.jsonl").read_text().splitlines()] \
         == [m["test_elbo"] for m in run]
     # the table lists the copies; the archive keeps them (evaluated: without weights)
-    table = subprocess.run(command[:5] + ["--table-only"], env=env, capture_output=True, text=True, timeout=300)
+    table = run_script(command[:5] + ["--table-only"], env=env, capture_output=True, text=True, timeout=300)
     assert "- 1-vae-1 after epoch 1 (in at-1/): NLL" in table.stdout
     assert table.stdout.index("after epoch 1 (in at-1/)") < table.stdout.index("after epoch 2 (in at-2/)")
-    kept = subprocess.run(command[:5] + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True,
+    kept = run_script(command[:5] + ["--archive", str(tmp_path / "kept")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert "1-vae-1 at-1/1-vae-1 at-2/1-vae-1" in kept.stdout
     assert not (tmp_path / "kept" / "at-1" / "1-vae-1" / "checkpoint.pt").exists()
     # an epoch the run has passed cannot be copied any more: said, not silently skipped
     shutil.rmtree(runs / "at-1")
-    late = subprocess.run(command + ["--evaluate-at", "1", "2"], cwd=tmp_path, env=env, capture_output=True,
+    late = run_script(command + ["--evaluate-at", "1", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert late.returncode == 0 and "$ pyro-vae train" not in late.stdout  # at-2 is there, the row is finished
     assert "row 1-vae-1: past epoch 1 already (3 trained) and no copy of it" in late.stderr
     assert not (runs / "at-1" / "1-vae-1").exists()
-    wrong = subprocess.run(command + ["--evaluate-at", "3"], env=env, capture_output=True, text=True, timeout=300)
+    wrong = run_script(command + ["--evaluate-at", "3"], env=env, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "--evaluate-at 3: each epoch must lie between 1 and --epochs - 1" in wrong.stderr
 
 
 @pytest.mark.slow
 def test_compare_checkouts_smoke(tmp_path):
     """The before/after timing runs (this checkout against itself) and both compute the same ELBO."""
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--smoke"],
+    proc = run_script([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--smoke"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("before", "after"))]
     assert len(lines) == 2 and lines[0].split("(elbo")[1] == lines[1].split("(elbo")[1]
-    bad = subprocess.run([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--before",
+    bad = run_script([sys.executable, str(REPO / "experiments" / "compare_checkouts.py"), "--before",
                           str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 1 and "is not a checkout of pyro_vae" in bad.stderr
 
@@ -428,7 +433,7 @@ def test_m2_vs_pyro_script_smoke(tmp_path, data_dir):
     epochs; the report has both times and our accuracy (no timing is asserted)."""
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "m2_vs_pyro.py"), "--smoke", "--runs",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "m2_vs_pyro.py"), "--smoke", "--runs",
                            str(tmp_path / "runs"), "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"m2_vs_pyro.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -442,21 +447,21 @@ def test_m2_vs_pyro_script_smoke(tmp_path, data_dir):
 def test_m2_table_script_smoke_trains_resumes_and_tables(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir), OMP_NUM_THREADS="1")
     script = [sys.executable, str(REPO / "experiments" / "m2_table.py"), "--runs", str(tmp_path / "runs")]
-    proc = subprocess.run(script + ["--smoke", "--json", str(tmp_path / "table.json")], cwd=tmp_path, env=env,
+    proc = run_script(script + ["--smoke", "--json", str(tmp_path / "table.json")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"m2_table.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     [row] = json.loads((tmp_path / "table.json").read_text())
     assert row["labels"] == 100 and row["label_sets"] == 1 and row["epochs"] == [1]
     assert 0 <= row["accuracy"] <= 1 and row["tutorial"] == [0.9319, 0.006]
     assert json.loads((tmp_path / "runs" / "m2-100-s0" / "labelled.json").read_text())["labels"] == 100
-    again = subprocess.run(script + ["--table-only", "--labels", "100", "600", "--seeds", "0"], env=env,
+    again = run_script(script + ["--table-only", "--labels", "100", "600", "--seeds", "0"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "| 600 | 0 | - | not yet measured |" in again.stdout
 
 
 def test_startup_script_stops_train_and_evaluate_at_their_first_step_and_leaves_no_run(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir))
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "startup.py"), "--repeats", "1",
+    proc = run_script([sys.executable, str(REPO / "experiments" / "startup.py"), "--repeats", "1",
                            "--train-limit", "200", "--test-limit", "50"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,9 +1,6 @@
 """Any program trains: user-defined programs through fit(), labels, learned tensors, loading back."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyro
@@ -70,31 +67,29 @@ def test_a_run_without_factory_asks_for_the_program(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cli_loads_a_user_program_by_its_factory(tmp_path, data_dir):
+def test_the_cli_loads_a_user_program_by_its_factory(tmp_path, data_dir, monkeypatch, capsys):
     """A registered data set recorded in the run, and the program's factory given as a file."""
+    import importlib.util
+
+    from pyro_vae import DataConfig
+    from pyro_vae.cli import main
+
     script = tmp_path / "user_program.py"
     script.write_text((TESTS / "programs.py").read_text().replace("SHAPE = (1, 4, 4)", "SHAPE = (1, 28, 28)"))
-    env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "PYTHONPATH": str(tmp_path)}
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from user_program import build_mixture_vae\n"
-        "from pyro_vae import DataConfig, TrainConfig, fit\n"
-        "fit(build_mixture_vae(), DataConfig(train_limit=256, test_limit=64), sys.argv[2],\n"
-        "    settings=TrainConfig(epochs=1, batch_size=64, device='cpu'), progress=False)\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "run")], check=True, env=env,
-                   capture_output=True)
-    cli = [sys.executable, "-m", "pyro_vae"]
-    res = subprocess.run([*cli, "evaluate", str(tmp_path / "run"), "--num-samples", "10"], env=env,
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and "--program module:function" in res.stderr
-    res = subprocess.run([*cli, "evaluate", str(tmp_path / "run"), "--num-samples", "10", "--json",
-                          "--program", f"{script}:build_mixture_vae"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["num_images"] == 64
-    res = subprocess.run([*cli, "train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--no-progress",
-                          "--program", f"{script}:build_mixture_vae"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    monkeypatch.setenv("PYRO_VAE_DATA", str(data_dir))
+    spec = importlib.util.spec_from_file_location("user_program", script)  # the user's file, as they import it
+    user_program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_program)
+    run = str(tmp_path / "run")
+    fit(user_program.build_mixture_vae(), DataConfig(train_limit=256, test_limit=64), run,
+        settings=TrainConfig(epochs=1, batch_size=64, device="cpu"), progress=False, log=lambda line: None)
+    capsys.readouterr()
+    assert main(["evaluate", run, "--num-samples", "10"]) == 1
+    assert "--program module:function" in capsys.readouterr().err
+    assert main(["evaluate", run, "--num-samples", "10", "--json", "--program", f"{script}:build_mixture_vae"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 64
+    assert main(["train", "--resume", run, "--epochs", "2", "--no-progress",
+                 "--program", f"{script}:build_mixture_vae"]) == 0
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 

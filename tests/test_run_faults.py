@@ -42,6 +42,18 @@ def assert_finished_like(run_dir, reference):
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, EPOCHS + 1))  # and whole
 
 
+def here(args, data_dir, monkeypatch, capsys):
+    """``pyro-vae ARGS`` in this process, where no separate process is the point: ``(exit
+    status, stdout, stderr)``."""
+    from pyro_vae.cli import main
+
+    monkeypatch.setenv("PYRO_VAE_DATA", str(data_dir))
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def cli(args, data_dir, **kw):
     env = {**os.environ, "PYRO_VAE_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "pyro_vae", *args], env=env, capture_output=True, text=True,
@@ -56,7 +68,7 @@ def one_epoch(run_dir, data_dir):
 
 
 @pytest.mark.slow
-def test_a_second_training_on_a_folder_being_trained_stops_at_once(tmp_path, data_dir):
+def test_a_second_training_on_a_folder_being_trained_stops_at_once(tmp_path, data_dir, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     # far more epochs than it will run: it is still training, whatever the machine's speed,
     # when two more processes start; it is stopped by a signal once they have been refused
@@ -73,8 +85,9 @@ def test_a_second_training_on_a_folder_being_trained_stops_at_once(tmp_path, dat
             second = cli(args, data_dir)
             assert second.returncode == 1
             assert f"{run_dir} is being trained by another process (pid {first.pid}" in second.stderr
-        # read-only commands work on the folder meanwhile
-        assert cli(["evaluate", str(run_dir), "--num-samples", "0", "--limit", "10"], data_dir).returncode == 0
+        # read-only commands work on the folder meanwhile (from another process than the trainer's)
+        assert here(["evaluate", str(run_dir), "--num-samples", "0", "--limit", "10"], data_dir, monkeypatch,
+                    capsys)[0] == 0
         assert first.poll() is None
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -86,8 +99,8 @@ def test_a_second_training_on_a_folder_being_trained_stops_at_once(tmp_path, dat
     assert done == list(range(1, len(done) + 1)) and len(done) >= 3  # each epoch once, none lost
     assert "is being trained" not in err
     # the kernel released the lock with the process: the folder can be resumed now
-    assert cli(["train", "--resume", str(run_dir), "--epochs", str(len(done) + 1), "--no-progress"],
-               data_dir).returncode == 0
+    assert here(["train", "--resume", str(run_dir), "--epochs", str(len(done) + 1), "--no-progress"], data_dir,
+                monkeypatch, capsys)[0] == 0
 
 
 def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
@@ -103,7 +116,8 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp
 # -- a checkpoint or metrics write that fails --------------------------------------------
 
 
-def test_checkpoint_write_under_a_file_size_limit_then_resume_is_exact(tmp_path, data_dir, reference):
+def test_checkpoint_write_under_a_file_size_limit_then_resume_is_exact(tmp_path, data_dir, reference, monkeypatch,
+                                                                        capsys):
     run_dir = tmp_path / "run"
     one_epoch(run_dir, data_dir)
     limit = (run_dir / "checkpoint.pt").stat().st_size // 2  # metrics lines fit, a checkpoint does not
@@ -120,8 +134,9 @@ def test_checkpoint_write_under_a_file_size_limit_then_resume_is_exact(tmp_path,
     assert "Traceback" not in err and "enforce fail" not in err
     assert checkpoint.load(run_dir / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint loads
     assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))  # no half-written temporary left behind
-    res = cli(["train", "--resume", str(run_dir), "--epochs", str(EPOCHS), "--no-progress"], data_dir)  # no limit
-    assert res.returncode == 0, res.stderr
+    code, _, err = here(["train", "--resume", str(run_dir), "--epochs", str(EPOCHS), "--no-progress"], data_dir,
+                        monkeypatch, capsys)  # no limit
+    assert code == 0, err
     assert_finished_like(run_dir, reference)
 
 
@@ -238,7 +253,8 @@ def patched(where, args, data_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_metrics_append_and_during_the_resume_rewrite(tmp_path, data_dir, reference):
+def test_sigkill_during_a_metrics_append_and_during_the_resume_rewrite(tmp_path, data_dir, reference, monkeypatch,
+                                                                       capsys):
     run_dir = tmp_path / "run"
     args = ["train", *flags("vae-bernoulli"), "--epochs", str(EPOCHS), "--out", str(run_dir)]
     res = patched("append", args, data_dir)
@@ -249,7 +265,7 @@ def test_sigkill_during_a_metrics_append_and_during_the_resume_rewrite(tmp_path,
     res = patched("rewrite", ["train", "--resume", str(run_dir), "--no-progress"], data_dir)
     assert res.returncode == -signal.SIGKILL
     assert (run_dir / "metrics.jsonl").read_text().endswith('{"epoch": 2, "train_obj')
-    res = cli(["train", "--resume", str(run_dir), "--no-progress"], data_dir)
-    assert res.returncode == 0, res.stderr
-    assert "was cut short" in res.stdout
+    code, out, err = here(["train", "--resume", str(run_dir), "--no-progress"], data_dir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "was cut short" in out
     assert_finished_like(run_dir, reference)
