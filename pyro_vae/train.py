@@ -185,7 +185,8 @@ def fit(
     :param callbacks: objects with any of ``on_train_start(run)``, ``on_step(run, step,
         loss)`` (``loss`` a device tensor: no host read is added), ``on_epoch_end(run,
         record)`` and ``on_train_end(run)`` (:mod:`pyro_vae.callbacks`; the built-in
-        :class:`~pyro_vae.callbacks.TensorBoard` and :class:`~pyro_vae.callbacks.MLflow`).
+        :class:`~pyro_vae.callbacks.TensorBoard` and :class:`~pyro_vae.callbacks.MLflow`);
+        a resumed run that has finished its epochs calls the first and the last only.
 
     The process holds the run folder's lock (:func:`pyro_vae.runs.run_lock`) from the
     moment it writes there until it returns: a second process training into the same
@@ -211,6 +212,7 @@ def _fit(held, program, data, run_dir, test, settings, binarize, factory, resume
     training.set_up(program, data, test, binarize, progress, log, callbacks, _seeded)
     training.restore()
     if training.finished():
+        training.catch_up_callbacks()
         return Run(training.program, config, run_dir, training.device, state["epoch"])
     training.build_engine()
     with pyro.get_param_store().scope(), _StopRequests() as stop:
@@ -381,6 +383,16 @@ class _Training:
                      f"longer: pyro-vae train --resume {self.run_dir} --epochs N (N > {state['epoch']})")
             return True
         return False
+
+    def catch_up_callbacks(self) -> None:
+        """A finished run resumed with callbacks: ``on_train_start`` then ``on_train_end``, no
+        epoch between, so that a logger a kill stopped after the last checkpoint (TensorBoard,
+        MLflow) takes the epochs it lacks from metrics.jsonl and closes the run."""
+        if self.hooks:
+            self.watched = Run(self.program, self.config, self.run_dir, self.device, self.state["epoch"],
+                               test=self.test_data)
+            self.hooks.call("on_train_start", self.watched)
+            self.hooks.call("on_train_end", self.watched)
 
     def build_engine(self) -> None:
         """The engine that takes the steps (its optimiser's state restored), and where the loop starts."""

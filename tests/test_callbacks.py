@@ -81,6 +81,36 @@ def test_a_callback_that_raises_stops_training_with_a_resumable_run(tmp_path, wh
     assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_a_finished_run_resumed_with_callbacks_gives_them_the_epochs_a_kill_kept_from_them(tmp_path):
+    """Killed after the last epoch's checkpoint, before every logger had it (here MLflow
+    fails where a kill would strike): resuming the finished run trains nothing, and each
+    logger ends with every epoch once; the callbacks see a start and an end, no epoch."""
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed (CI installs it)")
+
+    class KilledAtTheLastEpoch(MLflow):
+        def on_epoch_end(self, run, record):
+            if record["epoch"] == 2:
+                raise RuntimeError("killed")
+            super().on_epoch_end(run, record)
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(CallbackError, match="holds epoch 2"):
+        train(run_dir, 2, [TensorBoard(), KilledAtTheLastEpoch()])
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert [m.step for m in client.get_metric_history(run_id, "train/elbo")] == [1]
+    recorder = Recorder()
+    train(run_dir, 2, [TensorBoard(), MLflow(), recorder], resume=True)
+    assert recorder.calls == [("start", 2, run_dir, 2), ("end", 2)]
+    records = read_metrics(run_dir)
+    expected = [scalars_of(r)["train/elbo"] for r in records]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/elbo"))
+    assert [s for s, _ in history] == [1, 2] and [v for _, v in history] == pytest.approx(expected, rel=1e-6)
+    scalars = _tensorboard_scalars(run_dir / "tensorboard")["train/elbo"]
+    assert [s for s, _ in scalars] == [1, 2] and [v for _, v in scalars] == pytest.approx(expected, rel=1e-6)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_an_object_without_hooks_is_refused(tmp_path):
     with pytest.raises(TypeError, match="not a callback"):
         train(tmp_path / "run", 1, [object()])
