@@ -16,6 +16,8 @@ folder.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -60,14 +62,22 @@ def report(command: str, start: dict) -> str:
             f"pyro_vae's own {start['own']:.2f} s")
 
 
+def train_here(args) -> int:
+    from pyro_vae.cli import main as pyro_vae
+
+    return pyro_vae(args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     known, train_flags = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as folder:
         small = f"{folder}/small"
-        subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--epochs", "1", "--train-limit", "500",
-                        "--test-limit", "100", "--no-progress", "--out", small], check=True, capture_output=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # (here: its own start-up is not measured)
+            if train_here(["train", "--epochs", "1", "--train-limit", "500", "--test-limit", "100", "--no-progress",
+                           "--out", small]) != 0:
+                sys.exit("startup.py: could not train the small run that evaluate loads")
         commands = {"train": ["train", "--out", f"{folder}/run", "--no-progress", *train_flags],
                     "evaluate": ["evaluate", small]}
         for _ in range(known.repeats):
