@@ -76,6 +76,7 @@ def test_profile_step_smoke():
     assert names[0] == "reference" and "ours, validation on" in names
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")  # what --jit compares with
 def test_profile_step_jit_smoke():
     res = run_script([sys.executable, str(REPO / "experiments" / "profile_step.py"), "--batch-size", "16",
                           "--steps", "2", "--rounds", "1", "--jit"], check=True, capture_output=True, text=True)
