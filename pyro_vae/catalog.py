@@ -46,6 +46,9 @@ LIKELIHOODS.declare("gaussian-shared", "pyro_vae.likelihoods:SharedScaleGaussian
                     "grey values, x ~ Normal(sigmoid(decoder output), one learned scale for all pixels)")
 LIKELIHOODS.declare("discretized-logistic", "pyro_vae.likelihoods:DiscretizedLogisticLikelihood",
                     "8-bit grey values, a logistic(decoder output, learned scale per pixel) discretised to 256 bins")
+LIKELIHOODS.declare("discretized-logistic-local", "pyro_vae.likelihoods:LocalDiscretizedLogisticLikelihood",
+                    "8-bit grey values, a logistic discretised to 256 bins whose location and scale per pixel "
+                    "both come from the decoder")
 LIKELIHOODS.declare("categorical-256", "pyro_vae.likelihoods:Categorical256Likelihood",
                     "8-bit grey values, a 256-way softmax per pixel from the decoder")
 

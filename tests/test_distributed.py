@@ -5,7 +5,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, then the package's own code
 the process group (pyro_vae.distributed.from_environment).
 """
 
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -378,7 +380,19 @@ class TwoRanks:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("two-ranks")
-    one_process_run(folder / "resumed")  # the run that two processes resume
-    mp.spawn(_jobs_worker, args=(free_port(), str(folder)), nprocs=WORLD)
+    """The jobs run once per test session: the first pytest-xdist worker to need them runs
+    them in a folder all workers share (their base folders' parent); the others wait for it
+    and read its results. (The tests only read that folder.)"""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above each worker's own
+    folder = shared / "two-ranks"
+    with open(shared / "two-ranks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "finished").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            one_process_run(folder / "resumed")  # the run that two processes resume
+            mp.spawn(_jobs_worker, args=(free_port(), str(folder)), nprocs=WORLD)
+            (folder / "finished").touch()
     return TwoRanks(folder)

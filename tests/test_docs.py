@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from scripts import run_script
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs: outside `-m "not slow"`
 
@@ -47,7 +48,9 @@ def test_the_extending_example_runs_as_printed(tmp_path, data_dir):
 def test_the_autoguide_enumeration_and_callback_examples_run_as_printed(number, tmp_path):
     code = re.findall(r"<!-- example -->\n```python\n(.*?)```", PAGE.read_text(), re.S)[number]
     (tmp_path / "example.py").write_text(code)
-    res = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True)
+    # `python example.py` in this process (tests/scripts.py): the examples are small, a
+    # fresh interpreter would be most of their time
+    res = run_script([sys.executable, tmp_path / "example.py"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     if number == 0:  # the autoguide's parameters were created, trained and saved
         assert "guide.locs.z_unconstrained" in res.stdout and "guide.scales.z_unconstrained" in res.stdout

@@ -205,7 +205,33 @@ def test_the_categorical_likelihood_is_a_softmax_over_256_levels_per_pixel():
     assert torch.allclose(like.mean(out), (torch.softmax(logits, -1) * LEVEL_VALUES).sum(-1), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["discretized-logistic", "categorical-256"])
+def test_the_local_discretized_logistic_reads_a_location_and_a_scale_per_pixel_of_each_image():
+    from pyro_vae.likelihoods import DiscretizedLogistic
+
+    like = build_likelihood("discretized-logistic-local", 3)
+    assert like.outputs_per_pixel == 2 and not list(like.parameters())  # nothing learned apart from the decoder
+    out = torch.tensor([[0.1, 0.5, 0.9, -3.0, 0.0, 2.0],   # locations, then the scales' raw values
+                        [0.1, 0.5, 0.9, 1.0, -5.0, 0.5]], dtype=torch.float64)
+    x = torch.tensor([[0, 128, 255], [26, 120, 230]], dtype=torch.float64) / 255
+    scale = like.MIN_SCALE + torch.log1p(out[:, 3:].exp())  # softplus
+    expected = DiscretizedLogistic(out[:, :3], scale).log_prob(x).sum(-1)
+    assert torch.allclose(like(out).log_prob(x), expected, atol=1e-12)
+    # the two images share locations, not scales: their log-probabilities of one image differ
+    same = like(out).log_prob(x[:1].expand(2, 3))
+    assert abs(float(same[0] - same[1])) > 1.0
+    # each pixel's 256 probabilities sum to 1
+    every = torch.stack([like(out).log_prob(torch.full((2, 3), k / 255, dtype=torch.float64)) for k in range(256)])
+    per_pixel = torch.stack([DiscretizedLogistic(out[:, :3], scale).log_prob(torch.full((2, 3), k / 255,
+                                                                                       dtype=torch.float64))
+                             for k in range(256)])
+    assert torch.allclose(every, per_pixel.sum(-1), atol=1e-12)
+    assert torch.allclose(per_pixel.exp().sum(0), torch.ones(2, 3, dtype=torch.float64), atol=1e-13)
+    assert torch.allclose(like.mean(out), DiscretizedLogistic(out[:, :3], scale).mean, atol=1e-12)
+    with pytest.raises(ValueError, match="two outputs per pixel"):
+        like.output_for_mean(torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("name", ["discretized-logistic", "discretized-logistic-local", "categorical-256"])
 @pytest.mark.parametrize("bad, what", [(0.5, "not a multiple of 1/255"), (1.2, "above 1"), (-1 / 255, "below 0"),
                                        (0.5 / 255, "half a level")])
 def test_data_that_is_not_8_bit_is_a_clear_error(name, bad, what):
