@@ -54,6 +54,10 @@ SMOKE_NETWORKS = ["--hidden-dims", "16", "--activation", "relu"]
 def train(argv: list[str]) -> None:
     print("$ pyro-vae train " + " ".join(argv), flush=True)
     code = cli.main(["train", *argv])
+    if code > 128:  # stopped by a signal, after saving the step it had reached: not a failure
+        print("stopped; the run's checkpoint holds the step reached: run the same command again to resume it",
+              file=sys.stderr)
+        raise SystemExit(code)
     if code:
         raise SystemExit(f"pyro-vae train failed ({code})")
 

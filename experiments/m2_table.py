@@ -56,7 +56,12 @@ def train(runs: Path, labels: int, seed: int, epochs: int, smoke: bool, data_dir
             str(epochs), "--out", str(runs / run_name(labels, seed)), "--resume-if-present", "--no-progress"]
     if data_dir:
         argv += ["--data-dir", data_dir]
-    if main(argv) != 0:
+    code = main(argv)
+    if code > 128:  # stopped by a signal, after saving the step it had reached: not a failure
+        print(f"{run_name(labels, seed)}: stopped; its checkpoint holds the step reached: run the same command "
+              "again to resume it", file=sys.stderr)
+        raise SystemExit(code)
+    if code != 0:
         raise SystemExit(f"training {run_name(labels, seed)} failed")
 
 

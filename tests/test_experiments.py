@@ -459,6 +459,27 @@ def test_m2_table_script_smoke_trains_resumes_and_tables(tmp_path, data_dir):
     assert again.returncode == 0 and "| 600 | 0 | - | not yet measured |" in again.stdout
 
 
+@pytest.mark.parametrize("script", ["m2_table.py", "cvae_table.py"])
+@pytest.mark.parametrize("code, says", [(128 + 15, "stopped; "), (1, "failed")])
+def test_a_table_script_says_stopped_when_its_training_was_stopped_and_failed_when_it_failed(script, code, says,
+                                                                                            monkeypatch, capsys):
+    import runpy
+
+    import pyro_vae.cli
+
+    monkeypatch.setattr(pyro_vae.cli, "main", lambda argv: code)  # what SIGTERM (or an error) makes train return
+    module = runpy.run_path(str(REPO / "experiments" / script))
+    with pytest.raises(SystemExit) as stop:
+        if script == "m2_table.py":
+            module["train"](Path("runs"), 100, 0, 1, True, None)
+        else:
+            module["train"](["--out", "runs/x"])
+    message = f"{stop.value.code} {capsys.readouterr().err}"
+    assert says in message and ("failed" in message) == (code == 1)
+    if code > 128:
+        assert stop.value.code == code  # the signal's exit status goes on to whoever ran the script
+
+
 def test_startup_script_stops_train_and_evaluate_at_their_first_step_and_leaves_no_run(tmp_path, data_dir):
     env = dict(os.environ, PYRO_VAE_DATA=str(data_dir))
     proc = run_script([sys.executable, str(REPO / "experiments" / "startup.py"), "--repeats", "1",
