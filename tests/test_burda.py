@@ -219,6 +219,18 @@ def test_data_mean_bias_is_off_by_default_and_refused_without_a_per_pixel_bias(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("likelihood, why", [("categorical-256", "256 outputs per pixel"),
+                                             ("discretized-logistic-local", "two outputs per pixel")])
+def test_data_mean_bias_is_refused_for_a_likelihood_of_several_outputs_per_pixel_saying_why(likelihood, why,
+                                                                                           tmp_path):
+    program = build_model(ModelConfig(z_dim=2, hidden_dims=(8,), likelihood=likelihood, decoder_bias="data-mean"),
+                          (1, 4, 4))
+    images = torch.randint(0, 256, (20, 1, 4, 4)).double().div(255)
+    with pytest.raises(ValueError, match=f"{why}.*use decoder_bias='random'"):
+        fit(program, images, tmp_path / "run", progress=False, settings=TrainConfig(batch_size=10, device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_mean_bias_uses_the_grey_mean_under_dynamic_binarisation(tmp_path):
     """Dynamically binarised images are the grey ones in expectation: the bias starts at their log-odds."""
     from pyro_vae.data import ImageData

@@ -223,6 +223,8 @@ def kl_scaled(kl_weight: float):
 @torch.no_grad()
 def start_output_at_mean(decoder: nn.Module, likelihood, images: torch.Tensor) -> None:
     """Set ``decoder.output_bias`` so that, at weights 0, it decodes the mean of ``images`` ``(N, D)``."""
+    if getattr(likelihood, "outputs_per_pixel", 1) != 1:  # its own reason: no mean fixes several outputs
+        likelihood.output_for_mean(images.double().mean(0))
     bias = getattr(decoder, "output_bias", None)
     if bias is None or bias.shape != images.shape[1:]:
         raise ValueError(f"decoder_bias='data-mean' needs a decoder with one output bias per pixel (the mlp "
